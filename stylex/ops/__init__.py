@@ -1,0 +1,23 @@
+"""Low-level operations used by the networks.
+
+Every op has a pure-PyTorch reference that defines what it computes, and an optional fused CUDA
+path with the same signature. ``impl`` picks the path per call (``"auto"``, ``"cuda"`` or
+``"ref"``); ``None`` means the process-wide default, set with :func:`set_default_impl` or the
+``STYLEX_OPS_IMPL`` environment variable.
+"""
+
+from stylex.ops.bias_act import ACTIVATIONS, bias_act
+from stylex.ops.dispatch import get_default_impl, set_default_impl
+from stylex.ops.upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
+
+__all__ = [
+    "ACTIVATIONS",
+    "bias_act",
+    "downsample2d",
+    "filter2d",
+    "get_default_impl",
+    "set_default_impl",
+    "setup_filter",
+    "upfirdn2d",
+    "upsample2d",
+]
