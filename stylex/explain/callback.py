@@ -1,0 +1,184 @@
+"""The post-training explanation: AttFind on a sample of validation images, as a callback.
+
+After fit (and, optionally, every N epochs) the callback encodes a spread-out sample of the
+validation split with the run's encoder, runs AttFind with the EMA generator and the frozen
+classifier, writes the report (see :mod:`stylex.explain.report`) and hands the ranked table and
+the panels to the run's loggers (W&B: a table and images; TensorBoard: images and a text table;
+CSV: nothing). It runs on rank zero only and never stops a finished training: a failure is
+logged, not raised.
+
+The defaults keep it within about half a minute at the CPU quickstart size (32x32, 1280 style
+coordinates, 64 images): the search pre-screens coordinates with one gradient per image and
+renders only the most promising edits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.utilities import rank_zero_only
+
+from stylex.explain.attfind import AttFind, AttFindConfig
+from stylex.explain.report import Report, explain_and_report
+
+log = logging.getLogger(__name__)
+
+
+def spread_indices(
+    total: int,  # size of the data set
+    count: int,  # how many to take
+) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)`` (all of them when count >= total)."""
+    if count >= total:
+        return list(range(total))
+    return torch.linspace(0, total - 1, count).round().long().unique().tolist()
+
+
+class ExplainCallback(pl.Callback):
+    """Explains the classifier with the model being trained.
+
+    Args:
+        out_dir: report folder (``<run>/explain``); periodic reports go to ``epoch_<n>/`` in it.
+        top_k: attributes ranked per class.
+        num_images: validation images explained.
+        every_n_epochs: also explain after every N training epochs (0 = only after fit).
+        shift_size: how far each coordinate moves toward its min / max (1 = all the way).
+        prescreen: candidate edits per class rendered exactly (None = every coordinate, slow on
+            a CPU; see :class:`~stylex.explain.attfind.AttFindConfig`).
+        flip_k: flip-rate curve for k = 1..flip_k (0 = none).
+        examples: example pairs per attribute in the panels.
+        enabled: False turns the callback into a no-op (a config switch).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        top_k: int = 4,
+        num_images: int = 64,
+        every_n_epochs: int = 0,
+        shift_size: float = 1.0,
+        prescreen: int | None = 16,
+        flip_k: int = 6,
+        examples: int = 4,
+        enabled: bool = True,
+    ) -> None:
+        if int(top_k) < 1 or int(num_images) < 1:
+            raise ValueError(f"ExplainCallback needs top_k >= 1 and num_images >= 1, got {top_k} and {num_images}")
+        self.out_dir = Path(out_dir)
+        self.top_k = int(top_k)
+        self.num_images = int(num_images)
+        self.every_n_epochs = int(every_n_epochs)
+        self.config = AttFindConfig(shift_size=float(shift_size), prescreen=prescreen)
+        self.flip_k = int(flip_k)
+        self.examples = int(examples)
+        self.enabled = bool(enabled)
+        self.last_report: Report | None = None
+
+    # ---------------------------------------------------------------- hooks
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.enabled and self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0:
+            self.explain(trainer, pl_module, self.out_dir / f"epoch_{epoch:04d}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:
+            self.explain(trainer, pl_module, self.out_dir)
+
+    # ---------------------------------------------------------------- the work
+    @rank_zero_only
+    def explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out_dir: Path) -> Report | None:
+        """Run AttFind and write / log the report; returns it (None when skipped or failed)."""
+        dm = getattr(trainer, "datamodule", None)
+        dataset = getattr(dm, "val_dataset", None)
+        if dataset is None or len(dataset) == 0:
+            log.warning("explanation skipped: the data module has no validation split to explain")
+            return None
+        try:
+            report = self._explain(trainer, pl_module, dataset, out_dir)
+        except Exception as e:  # the training already finished: report the failure, keep the run
+            log.exception("the post-training explanation failed (%s: %s); the run itself is complete",
+                          type(e).__name__, e)
+            return None
+        self.last_report = report
+        log.info("explanation written to %s", report.html)
+        for logger in trainer.loggers:
+            log_report(logger, report, step=int(trainer.global_step))
+        return report
+
+    def _explain(self, trainer, pl_module, dataset, out_dir: Path) -> Report:
+        t0 = time.perf_counter()
+        idx = spread_indices(len(dataset), self.num_images)
+        samples = [dataset[i] for i in idx]
+        images = torch.stack([s["image"] for s in samples])
+        info = [{"source": f"val:{i}", "label": int(s["label"])} for i, s in zip(idx, samples)]
+        encoder = pl_module.E
+        was_training = encoder.training
+        encoder.eval()  # the networks are shared with training: restore their mode afterwards
+        try:
+            with torch.autocast(device_type=pl_module.device.type, enabled=False):
+                finder = AttFind(pl_module.G_ema, pl_module.classifier, self.config)
+                flat = finder.encode(encoder, images)
+                names = [str(n) for n in getattr(pl_module, "class_names", None) or []]
+                names = names or [str(c) for c in range(int(pl_module.num_classes))]
+                settings = {"source": "validation split", "num_images": len(idx), "top_k": self.top_k,
+                            "shift_size": self.config.shift_size, "prescreen": self.config.prescreen,
+                            "g_steps": int(getattr(pl_module, "g_steps", trainer.global_step))}
+                report, _ = explain_and_report(
+                    finder, flat, out_dir, names, top_k=min(self.top_k, finder.space.dim), flip_k=self.flip_k,
+                    examples=self.examples, image_info=info, settings=settings,
+                    title=f"StylEx explanation after {settings['g_steps']} steps",
+                )
+        finally:
+            encoder.train(was_training)
+        log.info("explanation took %.1f s", time.perf_counter() - t0)
+        return report
+
+
+# ============================================================================ loggers
+def attribute_table(report: Report) -> tuple[list[str], list[list[Any]]]:
+    """The ranked attributes of every class as (columns, rows)."""
+    columns = ["class", "rank", "coordinate", "layer", "channel", "direction", "mean_probability_change",
+               "share_affected", "flip_share"]
+    rows = [[name, a["rank"], a["coordinate"], a["layer"], a["channel"], a["direction"],
+             a["mean_probability_change"], a["share_affected"], a["flip_share"]]
+            for name, cls in report.data["classes"].items() for a in cls["attributes"]]
+    return columns, rows
+
+
+def log_report(
+    logger: Any,  # a Lightning logger
+    report: Report,
+    step: int = 0,
+) -> None:
+    """Send the table and panels to a Lightning logger; a logging failure only warns."""
+    name = type(logger).__name__
+    columns, rows = attribute_table(report)
+    panels = sorted(report.panels.items())
+    try:
+        if name == "WandbLogger":
+            logger.log_table(key="explain/attributes", columns=columns, data=rows)
+            logger.log_image(key="explain/panels", images=[str(p) for _, p in panels],
+                             caption=[f"class {c} #{r}" for (c, r), _ in panels])
+            if report.plot is not None:
+                logger.log_image(key="explain/flip_rate", images=[str(report.plot)])
+        elif name == "TensorBoardLogger":
+            exp = logger.experiment
+            for (c, r), path in panels:
+                exp.add_image(f"explain/class{c}_rank{r}", np.asarray(Image.open(path).convert("RGB")),
+                              global_step=step, dataformats="HWC")
+            if report.plot is not None:
+                exp.add_image("explain/flip_rate", np.asarray(Image.open(report.plot).convert("RGB")),
+                              global_step=step, dataformats="HWC")
+            text = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+            text += "\n".join("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |"
+                              for r in rows)
+            exp.add_text("explain/attributes", text, global_step=step)
+    except Exception as e:  # a logging backend must never stop training
+        log.warning("could not log the explanation to %s: %s", name, e)

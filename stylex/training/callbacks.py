@@ -1,0 +1,175 @@
+"""Callbacks of a StylEx run: image grids, the export, a summary of figures at the end."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+from stylex.export import save_export
+from stylex.utils.io import atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def _is_due(pl_module, every: int) -> bool:
+    return every > 0 and int(pl_module.g_steps) % every == 0
+
+
+class SampleGrid(pl.Callback):
+    """Every ``every_n_steps`` generator steps (and at the end) writes a PNG grid to
+    ``<run>/samples/`` and logs it: row 1 real validation images, row 2 their reconstructions
+    (encoder → EMA generator), then one row of samples per class (fixed latents, one-hot
+    conditioning). Captions name the classifier's predicted class of each image."""
+
+    def __init__(self, out_dir: str | Path, every_n_steps: int = 200, num_images: int = 8, seed: int = 0):
+        self.out_dir = Path(out_dir)
+        self.every = int(every_n_steps)
+        self.num_images = int(num_images)
+        self.seed = seed
+        self._real: torch.Tensor | None = None
+        self._z: torch.Tensor | None = None
+        self.last_path: Path | None = None
+
+    def _fixed_inputs(self, trainer, pl_module):
+        if self._real is None:
+            ds = trainer.datamodule.val_dataset
+            n = min(self.num_images, len(ds))
+            self._real = torch.stack([ds[i]["image"] for i in range(n)])
+            g = torch.Generator().manual_seed(self.seed)
+            self._z = torch.randn(n, pl_module.G_ema.z_dim, generator=g)
+        return self._real.to(pl_module.device), self._z.to(pl_module.device)
+
+    @torch.no_grad()
+    def render(self, trainer, pl_module) -> torch.Tensor:
+        """The grid as a [3, H, W] tensor in [0, 1]."""
+        real, z = self._fixed_inputs(trainer, pl_module)
+        with torch.autocast(device_type=pl_module.device.type, enabled=False):
+            rec, _ = pl_module.reconstruct(real)
+            rows = [real, rec]
+            for k in range(pl_module.num_classes):
+                c = F.one_hot(torch.full((z.shape[0],), k, device=z.device), pl_module.num_classes).float()
+                rows.append(pl_module.G_ema(z, c, noise_mode="const"))
+        imgs = torch.cat(rows).float().clamp(-1, 1).add(1).div(2)
+        return make_grid(imgs, nrow=real.shape[0], padding=1, pad_value=1.0)
+
+    @rank_zero_only
+    def write(self, trainer, pl_module) -> Path:
+        grid = self.render(trainer, pl_module)
+        step = int(pl_module.g_steps)
+        path = self.out_dir / f"step_{step:06d}.png"
+        atomic_write(path, lambda p: save_image(grid, str(p), format="png"))
+        self.last_path = path
+        caption = "rows: real | reconstruction | " + " | ".join(f"samples of '{n}'" for n in pl_module.class_names)
+        for logger in trainer.loggers:
+            _log_image(logger, "samples", path, grid, step, caption)
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if _is_due(pl_module, self.every):
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.write(trainer, pl_module)
+
+
+def _log_image(logger, key: str, path: Path, grid: torch.Tensor, step: int, caption: str) -> None:
+    name = type(logger).__name__
+    try:
+        if name == "WandbLogger":
+            logger.log_image(key=key, images=[str(path)], caption=[caption], step=None)
+        elif name == "TensorBoardLogger":
+            logger.experiment.add_image(key, grid, global_step=step)
+    except Exception as e:  # a logging backend must never stop training
+        log.warning("could not log %s to %s: %s", key, name, e)
+
+
+class Exporter(pl.Callback):
+    """Writes the export (EMA generator, encoder, classifier, config) to ``<run>/export`` at the
+    end of training and every ``every_n_steps`` generator steps (0 = only at the end)."""
+
+    def __init__(self, out_dir: str | Path, extra: dict[str, Any] | None = None, every_n_steps: int = 0):
+        self.out_dir = Path(out_dir)
+        self.extra = dict(extra or {})
+        self.every = int(every_n_steps)
+
+    @rank_zero_only
+    def export(self, pl_module) -> Path:
+        hp = pl_module.hparams
+        return save_export(
+            self.out_dir, pl_module.G_ema, dict(hp.generator), pl_module.E, dict(hp.encoder),
+            pl_module.classifier, pl_module.class_names,
+            extra={**self.extra, "g_steps": int(pl_module.g_steps), "images_seen": int(pl_module.images_seen)},
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if _is_due(pl_module, self.every):
+            self.export(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.export(pl_module)
+
+
+class Throughput(pl.Callback):
+    """Measures training images per second (after a warm-up) and reports it in the summary."""
+
+    def __init__(self, warmup_steps: int = 5):
+        self.warmup = warmup_steps
+        self._t0: float | None = None
+        self._n0 = 0
+        self.images_per_second: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = int(pl_module.g_steps)
+        if step == self.warmup:
+            self._t0, self._n0 = time.perf_counter(), int(pl_module.images_seen)
+        elif self._t0 is not None:
+            dt = time.perf_counter() - self._t0
+            if dt > 0:
+                self.images_per_second = (int(pl_module.images_seen) - self._n0) / dt
+                pl_module.log("train/images_per_second", self.images_per_second, on_step=True, prog_bar=False)
+
+
+class Summary(pl.Callback):
+    """At the end of fit, writes ``<run>/summary.json`` with the final validation figures."""
+
+    def __init__(self, path: str | Path, extra: dict[str, Any] | None = None, throughput: Throughput | None = None):
+        self.path = Path(path)
+        self.extra = dict(extra or {})
+        self.throughput = throughput
+        self._t0 = time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        summary = {
+            **self.extra,
+            "g_steps": int(pl_module.g_steps),
+            "images_seen": int(pl_module.images_seen),
+            "fit_seconds": round(time.perf_counter() - self._t0, 2),
+            "images_per_second": self.throughput.images_per_second if self.throughput else None,
+            **metrics,
+        }
+        atomic_write_json(self.path, summary)
+
+
+class FinalCheckpoint(pl.Callback):
+    """Writes ``last.ckpt`` when fit ends, so a run always resumes from its final state even when
+    ``max_steps`` is not a multiple of the checkpoint interval. Every rank calls it (the strategy
+    decides who writes)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path)

@@ -1,0 +1,73 @@
+"""The StylEx objectives, as plain functions of tensors.
+
+Adversarial terms use the non-saturating logistic loss of the GAN literature; regularisers are
+R1 (gradient penalty on real images) and path-length regularisation; the StylEx-specific terms
+are the reconstruction losses of the encoder path and the classifier KL, which ties the
+generator's output to the class probabilities it was conditioned on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def d_logistic_loss(
+    real_logits: torch.Tensor,  # [B, 1] discriminator output on real images
+    fake_logits: torch.Tensor,  # [B', 1] discriminator output on generated images
+) -> torch.Tensor:
+    """-log D(x) - log(1 - D(G(z))) with D = sigmoid(logits), averaged over each batch."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def g_nonsaturating_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-log D(G(z)): the non-saturating generator loss."""
+    return F.softplus(-fake_logits).mean()
+
+
+def r1_penalty(
+    real_img: torch.Tensor,  # [B, C, H, W], requires_grad, the input that produced real_logits
+    real_logits: torch.Tensor,  # [B, 1]
+) -> torch.Tensor:
+    """Mean over the batch of the squared gradient norm of D at real images (Mescheder et al. 2018).
+
+    Computed with ``create_graph=True`` so the penalty itself can be differentiated w.r.t. D's
+    parameters; call it outside autocast so the squared gradients are float32.
+    """
+    (grad,) = torch.autograd.grad(real_logits.float().sum(), real_img, create_graph=True)
+    return grad.float().square().sum(dim=[1, 2, 3]).mean()
+
+
+def path_length_penalty(
+    img: torch.Tensor,  # [B, C, H, W] generated from w
+    w: torch.Tensor,  # [B, W] the latent that produced img, requires_grad
+    pl_mean: torch.Tensor,  # [] running mean of the path lengths (buffer, updated in place)
+    decay: float = 0.01,
+) -> torch.Tensor:
+    """Path-length regulariser of StyleGAN2: ``(|J_w^T y| - a)^2`` for image-space noise y.
+
+    ``y`` is scaled by ``1 / sqrt(H * W)`` so the expected length does not depend on the
+    resolution; ``a`` follows the lengths with an exponential moving average.
+    """
+    noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
+    (grad,) = torch.autograd.grad((img.float() * noise).sum(), w, create_graph=True)
+    lengths = grad.float().square().sum(dim=1).sqrt()  # [B]
+    with torch.no_grad():
+        pl_mean.copy_(pl_mean.lerp(lengths.mean(), decay))
+    return (lengths - pl_mean).square().mean()
+
+
+def classifier_kl(
+    target_probs: torch.Tensor,  # [B, K] class probabilities the image should carry (no gradient)
+    logits: torch.Tensor,  # [B, K] classifier logits on the generated image
+) -> torch.Tensor:
+    """KL(target ‖ softmax(logits)) averaged over the batch, in nats."""
+    log_q = F.log_softmax(logits.float(), dim=1)
+    return F.kl_div(log_q, target_probs.detach().float(), reduction="batchmean")
+
+
+def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference."""
+    return (a - b).abs().mean()

@@ -1,0 +1,340 @@
+"""The StylEx LightningModule: wires generator, encoder, discriminator and the frozen classifier.
+
+One training step (manual optimisation, three optimisers):
+
+1. Discriminator: logistic loss on real images vs. generated ones, conditioned on the
+   classifier's output; every ``r1_interval`` discriminator steps the lazy R1 penalty (float32).
+2. Generator (mapping + synthesis) and encoder, from the same loss:
+
+   - encoder path: ``w = E(x)``, ``x̂ = G(w ⊕ C(x))``; L1(x, x̂) + perceptual(x, x̂) +
+     L1(E(x̂), w) + KL(C(x) ‖ C(x̂)) + adversarial;
+   - noise path: ``w = M(z)``, ``x̃ = G(w ⊕ p̃)`` with ``p̃`` the classifier output of another real
+     image of the batch; adversarial + KL(p̃ ‖ C(x̃)).
+
+   ``batch_mode="both"`` runs both paths every step; ``"alternate"`` alternates them.
+   Every ``pl_interval`` generator steps the lazy path-length penalty (when its weight > 0).
+3. The EMA generator (a frozen submodule, used for samples, validation and export) follows.
+
+The networks know nothing of Lightning: this class only owns the losses, the optimisers and the
+counters that lazy regularisation needs (Lightning's ``global_step`` counts every optimiser step,
+so it cannot tell generator steps from discriminator steps).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stylex.networks import Discriminator, Encoder, Generator
+from stylex.training import losses
+from stylex.training.ema import ema_beta, make_ema, update_ema
+from stylex.training.perceptual import ClassifierFeatures, LPIPSDistance, feature_distance, resolve_backend
+
+DEFAULT_LOSS = {
+    "adv": 1.0,  # non-saturating adversarial loss of the generator
+    "rec_l1": 1.0,  # L1(x, x̂), pixels in [-1, 1]
+    "perceptual": 1.0,  # perceptual(x, x̂)
+    "perceptual_backend": "auto",  # auto | lpips | classifier | none
+    "latent_l1": 0.1,  # L1(E(x̂), E(x))
+    "kl_rec": 1.0,  # KL(C(x) ‖ C(x̂)) on the encoder path
+    "kl_gen": 1.0,  # KL(p̃ ‖ C(x̃)) on the noise path
+    "r1_gamma": 0.05,  # R1 weight (the penalty is gamma / 2 · |∇D|²)
+    "r1_interval": 16,  # lazy R1: every N discriminator steps (0 = never)
+    "pl_weight": 0.0,  # path-length weight (0 = off)
+    "pl_interval": 4,  # lazy path-length: every N generator steps
+    "pl_decay": 0.01,
+    "batch_mode": "both",  # both | alternate
+    "d_fakes": "both",  # which fakes D sees: both | encoder | noise
+}
+
+DEFAULT_OPTIM = {"lr_g": 0.0025, "lr_d": 0.0025, "lr_e": 0.0025, "betas": (0.0, 0.99), "eps": 1e-8}
+
+
+def _requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    pass
+
+
+class StylexModule(pl.LightningModule):
+    """StylEx training. ``classifier`` must be a frozen classifier taking [-1, 1] images."""
+
+    def __init__(
+        self,
+        generator: Mapping[str, Any],  # Generator kwargs (c_dim = number of classes)
+        discriminator: Mapping[str, Any],  # Discriminator kwargs
+        encoder: Mapping[str, Any],  # Encoder kwargs
+        classifier: nn.Module,  # frozen; classifier(x) -> logits [B, K]
+        loss: Mapping[str, Any] | None = None,
+        optim: Mapping[str, Any] | None = None,
+        ema_kimg: float = 1.0,  # EMA half-life in thousands of images
+        ema_rampup: float | None = 0.05,
+        class_names: list[str] | None = None,
+        val_noise_mode: str = "const",
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["classifier"])
+        self.automatic_optimization = False
+        self.loss_cfg = {**DEFAULT_LOSS, **dict(loss or {})}
+        unknown = set(self.loss_cfg) - set(DEFAULT_LOSS)
+        if unknown:
+            raise ValueError(f"unknown loss option(s) {sorted(unknown)}; known: {sorted(DEFAULT_LOSS)}")
+        if self.loss_cfg["batch_mode"] not in ("both", "alternate"):
+            raise ValueError(f"loss.batch_mode must be 'both' or 'alternate', got {self.loss_cfg['batch_mode']!r}")
+        if self.loss_cfg["d_fakes"] not in ("both", "encoder", "noise"):
+            raise ValueError(f"loss.d_fakes must be 'both', 'encoder' or 'noise', got {self.loss_cfg['d_fakes']!r}")
+        for key, default in DEFAULT_LOSS.items():
+            if isinstance(default, (int, float)) and not isinstance(self.loss_cfg[key], (int, float)):
+                raise ValueError(f"loss.{key} must be a number, got {self.loss_cfg[key]!r}")
+        self.optim_cfg = {**DEFAULT_OPTIM, **dict(optim or {})}
+
+        self.G = Generator(**generator)
+        self.D = Discriminator(**discriminator)
+        self.E = Encoder(**encoder)
+        self.G_ema = make_ema(self.G)
+        if getattr(classifier, "frozen", True) is False and hasattr(classifier, "freeze"):
+            classifier.freeze()
+        classifier.eval().requires_grad_(False)
+        self.C = ClassifierFeatures(classifier)
+        self.num_classes = int(generator["c_dim"])
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+
+        backend = resolve_backend(self.loss_cfg["perceptual_backend"]) if self.loss_cfg["perceptual"] > 0 else "none"
+        self.perceptual_backend = backend
+        self.lpips = LPIPSDistance() if backend == "lpips" else None
+
+        # Counters restored on resume (they live in the state dict).
+        self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("g_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("images_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("pl_mean", torch.zeros(()))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def classifier(self) -> nn.Module:
+        return self.C.classifier
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.G_ema.eval()
+        self.C.eval()
+        return self
+
+    @contextmanager
+    def _float32(self):
+        """Full precision inside autocast (for R1 and path length: squared gradients overflow or
+        lose all precision in half formats)."""
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            yield
+
+    def _classify(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if features and self.perceptual_backend == "classifier":
+            return self.C(x)
+        return self.C.classifier(x), []
+
+    def _perceptual(self, x_rec, x, feats_rec, feats_real) -> torch.Tensor:
+        if self.perceptual_backend == "classifier":
+            return feature_distance(feats_rec, [f.detach() for f in feats_real]).mean()
+        if self.perceptual_backend == "lpips":
+            return self.lpips(x_rec, x).mean()
+        return x.new_zeros(())
+
+    def _check_finite(self, params: list[nn.Parameter], what: str) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if not torch.isfinite(norm):
+            raise NonFiniteGradientError(
+                f"non-finite gradient in the {what} update at step {int(self.g_steps)} "
+                f"(losses: {', '.join(f'{k}={v:.4g}' for k, v in self._last_losses.items())}). "
+                "Lower the learning rate (model.lr), raise loss.r1_gamma, set model.conv_clamp "
+                "(e.g. 256) or train in full precision (trainer.precision=32)."
+            )
+
+    def _noise_condition(self, c_real: torch.Tensor) -> torch.Tensor:
+        """Conditioning for the noise path: classifier outputs of other images of the batch, so the
+        generator sees the same distribution of class vectors on both paths."""
+        return c_real[torch.randperm(c_real.shape[0], device=c_real.device)]
+
+    def _step(self, opt, counted: bool) -> None:
+        """Step an optimiser; only the generator's step counts toward ``trainer.global_step``.
+
+        Lightning counts every optimiser step, so with three optimisers ``trainer.max_steps``
+        would stop after a third of the training steps a user asked for. The uncounted steps go
+        through the strategy exactly like a counted one (precision plugin, gradient scaling).
+        """
+        if counted:
+            opt.step()
+        else:
+            self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        betas = tuple(o["betas"])
+        r1 = self.loss_cfg["r1_interval"]
+        pl_int = self.loss_cfg["pl_interval"] if self.loss_cfg["pl_weight"] > 0 else 0
+
+        def adam(params, lr, interval):
+            # Lazy regularisation runs every `interval` steps with a larger weight; the optimiser
+            # compensates as in StyleGAN2: lr and betas follow the ratio of steps with gradient.
+            ratio = interval / (interval + 1) if interval else 1.0
+            return torch.optim.Adam(params, lr=lr * ratio, betas=(betas[0] ** ratio, betas[1] ** ratio), eps=o["eps"])
+
+        opt_g = adam(self.G.parameters(), o["lr_g"], pl_int)
+        opt_d = adam(self.D.parameters(), o["lr_d"], r1)
+        opt_e = adam(self.E.parameters(), o["lr_e"], 0)
+        return [opt_g, opt_d, opt_e]
+
+    def setup(self, stage: str) -> None:
+        # Per-rank randomness for latents; the weights are made equal by DDP at wrap time.
+        if self.trainer is not None and self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int):
+        opt_g, opt_d, opt_e = self.optimizers()
+        cfg = self.loss_cfg
+        x = batch["image"]
+        b = x.shape[0]
+        self._last_losses: dict[str, float] = {}
+
+        with torch.no_grad():
+            logits_real, feats_real = self._classify(x, features=True)
+            c_real = logits_real.float().softmax(dim=1)
+        c_noise = self._noise_condition(c_real)
+
+        step = int(self.g_steps)
+        use_enc = cfg["batch_mode"] == "both" or step % 2 == 0
+        use_noise = cfg["batch_mode"] == "both" or step % 2 == 1
+
+        # ---------------------------------------------------------------- discriminator
+        _requires_grad(self.G, False)
+        _requires_grad(self.E, False)
+        _requires_grad(self.D, True)
+        fakes, conds = [], []
+        with torch.no_grad():
+            if use_enc and cfg["d_fakes"] in ("both", "encoder"):
+                fakes.append(self.G.generate(self.E(x), c_real))
+                conds.append(c_real)
+            if use_noise and cfg["d_fakes"] in ("both", "noise") or not fakes:
+                z = torch.randn(b, self.G.z_dim, device=self.device)
+                fakes.append(self.G(z, c_noise))
+                conds.append(c_noise)
+        fake_logits = torch.cat([self.D(f, c) for f, c in zip(fakes, conds)])
+
+        r1_every = cfg["r1_interval"]
+        do_r1 = r1_every > 0 and cfg["r1_gamma"] > 0 and int(self.d_steps) % r1_every == 0
+        if do_r1:
+            with self._float32():
+                x_r1 = x.detach().float().requires_grad_(True)
+                real_logits = self.D(x_r1, c_real)
+                r1 = losses.r1_penalty(x_r1, real_logits)
+        else:
+            real_logits = self.D(x, c_real)
+        loss_d = losses.d_logistic_loss(real_logits, fake_logits)
+        self._last_losses["d"] = float(loss_d.detach())
+        if do_r1:
+            loss_d = loss_d + r1 * (cfg["r1_gamma"] / 2 * r1_every)
+            self.log("train/r1", r1.detach(), on_step=True, prog_bar=False)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        self._check_finite(list(self.D.parameters()), "discriminator")
+        self._step(opt_d, counted=False)
+        self.d_steps += 1
+
+        # ---------------------------------------------------------------- generator + encoder
+        _requires_grad(self.D, False)
+        _requires_grad(self.G, True)
+        _requires_grad(self.E, True)
+        logs: dict[str, torch.Tensor] = {"train/loss_d": loss_d.detach(), "train/d_real": real_logits.detach().mean()}
+        loss_g = x.new_zeros((), dtype=torch.float32)
+        if use_enc:
+            w = self.E(x)
+            x_rec = self.G.generate(w, c_real)
+            logits_rec, feats_rec = self._classify(x_rec, features=True)
+            rec_l1 = losses.l1(x_rec.float(), x.float())
+            perc = self._perceptual(x_rec, x, feats_rec, feats_real) if cfg["perceptual"] > 0 else x.new_zeros(())
+            lat = losses.l1(self.E(x_rec).float(), w.float())
+            kl_rec = losses.classifier_kl(c_real, logits_rec)
+            adv_rec = losses.g_nonsaturating_loss(self.D(x_rec, c_real))
+            loss_g = loss_g + (
+                cfg["rec_l1"] * rec_l1 + cfg["perceptual"] * perc + cfg["latent_l1"] * lat
+                + cfg["kl_rec"] * kl_rec + cfg["adv"] * adv_rec
+            )
+            logs.update({
+                "train/rec_l1": rec_l1.detach(), "train/perceptual": perc.detach(), "train/latent_l1": lat.detach(),
+                "train/kl_rec": kl_rec.detach(), "train/adv_rec": adv_rec.detach(),
+            })
+        if use_noise:
+            z = torch.randn(b, self.G.z_dim, device=self.device)
+            x_gen = self.G(z, c_noise)
+            logits_gen, _ = self._classify(x_gen, features=False)
+            kl_gen = losses.classifier_kl(c_noise, logits_gen)
+            adv_gen = losses.g_nonsaturating_loss(self.D(x_gen, c_noise))
+            loss_g = loss_g + cfg["kl_gen"] * kl_gen + cfg["adv"] * adv_gen
+            logs.update({"train/kl_gen": kl_gen.detach(), "train/adv_gen": adv_gen.detach()})
+
+        pl_every = cfg["pl_interval"]
+        if cfg["pl_weight"] > 0 and pl_every > 0 and step % pl_every == 0:
+            with self._float32():
+                pl_b = max(1, b // 2)
+                z = torch.randn(pl_b, self.G.z_dim, device=self.device)
+                w_pl = self.G.mapping(z).detach().requires_grad_(True)
+                img = self.G.generate(w_pl, c_noise[:pl_b])
+                pl_pen = losses.path_length_penalty(img, w_pl, self.pl_mean, cfg["pl_decay"])
+            loss_g = loss_g + pl_pen * (cfg["pl_weight"] * pl_every)
+            logs["train/path_length"] = pl_pen.detach()
+
+        self._last_losses.update({k.split("/")[-1]: float(v) for k, v in logs.items()})
+        opt_g.zero_grad(set_to_none=True)
+        opt_e.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        self._check_finite(list(self.G.parameters()) + list(self.E.parameters()), "generator/encoder")
+        self._step(opt_e, counted=False)
+        self._step(opt_g, counted=True)
+        self.g_steps += 1
+        _requires_grad(self.D, True)
+
+        # ---------------------------------------------------------------- EMA
+        world = self.trainer.world_size if self.trainer is not None else 1
+        self.images_seen += b * world
+        beta = ema_beta(b * world, int(self.images_seen), self.hparams.ema_kimg, self.hparams.ema_rampup)
+        update_ema(self.G_ema, self.G, beta)
+
+        logs["train/loss_g"] = loss_g.detach()
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=b)
+        self.log("g_step", self.g_steps.float(), on_step=True, prog_bar=False, batch_size=b)
+        if use_enc:
+            self.log("rec", logs["train/rec_l1"], prog_bar=True, on_step=True, batch_size=b, logger=False)
+        self.log("d", logs["train/loss_d"], prog_bar=True, on_step=True, batch_size=b, logger=False)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, noise_mode: str = "const") -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder → EMA generator reconstruction. Returns (x̂ [B,3,R,R], the conditioning [B,K])."""
+        c = self.classifier(x).float().softmax(dim=1)
+        return self.G_ema.generate(self.E(x), c, noise_mode=noise_mode), c
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int):
+        x = batch["image"]
+        x_rec, c = self.reconstruct(x, self.hparams.val_noise_mode)
+        logits_rec = self.classifier(x_rec)
+        agree = (logits_rec.argmax(dim=1) == c.argmax(dim=1)).float().mean()
+        self.log_dict(
+            {
+                "val/recon_l1": losses.l1(x_rec.float(), x.float()),
+                "val/agreement": agree,
+                "val/kl_rec": losses.classifier_kl(c, logits_rec),
+            },
+            on_epoch=True, sync_dist=True, batch_size=x.shape[0], prog_bar=False,
+        )

@@ -1,0 +1,335 @@
+"""The classifier: freezing, preprocessing, saving/loading, errors and its training stage."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from torch.utils.data import DataLoader, Dataset
+
+import stylex.classifier as clf_mod
+from stylex.classifier import (
+    Classifier,
+    ClassifierModule,
+    build_classifier,
+    flip_and_shift,
+    inverse_frequency_weights,
+    train_classifier,
+)
+
+# timm's tiny test network: BatchNorm, ImageNet mean/std (not 0.5, so normalisation is visible).
+TINY = "test_efficientnet"
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers.*",
+    "ignore:.*isinstance\\(treespec, LeafSpec\\).*",
+    "ignore:.*smaller than the logging interval.*",
+)
+
+
+def tiny(num_classes: int = 3, **kwargs) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(TINY, num_classes, **kwargs)
+
+
+def images(n: int = 4, size: int = 24, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+# ------------------------------------------------------------------------------------- freezing
+def test_frozen_classifier_passes_gradients_to_its_input_but_never_changes():
+    clf = tiny()
+    parent = nn.ModuleDict({"clf": clf, "other": nn.Linear(2, 2)})
+    assert clf.freeze() is clf and clf.frozen
+    before = snapshot(clf)
+    parent.train()  # what Lightning does to the module that holds the frozen classifier
+    assert not clf.training and all(not bn.training for bn in batchnorms(clf))
+    assert parent["other"].training  # only the classifier refuses training mode
+
+    x = (images() * 3).requires_grad_(True)  # far from the BN statistics: a moving update would show
+    for _ in range(3):
+        clf(x).logsumexp(dim=1).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in clf.parameters())
+    after = clf.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a frozen classifier's weights or BN stats moved"
+
+
+def test_unfrozen_classifier_in_training_mode_does_update_batchnorm_statistics():
+    # Control for the test above: the same forward passes do move BN statistics when not frozen.
+    clf = tiny()
+    before = snapshot(clf)
+    nn.Sequential(clf).train()
+    clf(images() * 3)
+    changed = [k for k in before if "running_mean" in k and not torch.equal(before[k], clf.state_dict()[k])]
+    assert changed
+
+
+# -------------------------------------------------------------------------------- preprocessing
+@pytest.mark.parametrize("in_size, net_size", [(40, 24), (16, 24), (24, None)])
+def test_forward_is_the_timm_model_on_resized_normalised_images(in_size, net_size):
+    clf = tiny(input_size=net_size).eval()
+    x = images(size=in_size)
+    mean = torch.tensor(timm.get_pretrained_cfg(TINY).mean)
+    std = torch.tensor(timm.get_pretrained_cfg(TINY).std)
+    assert not torch.allclose(mean, torch.full((3,), 0.5))
+    by_hand = (x + 1) / 2
+    if net_size is not None:
+        by_hand = TF.resize(by_hand, [net_size, net_size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    by_hand = TF.normalize(by_hand, mean.tolist(), std.tolist())
+    with torch.no_grad():
+        expected = clf.model(by_hand)
+        logits = clf(x)
+        assert torch.allclose(logits, expected, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(clf.probs(x), F.softmax(expected, dim=1), atol=1e-6)
+
+
+def test_forward_rejects_inputs_that_are_not_rgb_batches():
+    clf = tiny()
+    with pytest.raises(AssertionError, match=r"\[batch, 3, height, width\]"):
+        clf(torch.zeros(3, 16, 16))
+    with pytest.raises(AssertionError, match="got shape \\(2, 1, 16, 16\\)"):
+        clf(torch.zeros(2, 1, 16, 16))
+
+
+# ----------------------------------------------------------------------------- saving / loading
+def test_save_load_round_trip_gives_identical_logits(tmp_path):
+    clf = tiny(num_classes=4, input_size=20, drop_rate=0.1).eval()
+    path = tmp_path / "sub" / "classifier.safetensors"
+    clf.save(path)
+    assert json.loads(path.with_suffix(".json").read_text()) == clf.config
+    assert not list(path.parent.glob("*.tmp")), "temporary files left behind"
+
+    x = images(size=32)
+    loaded = Classifier.load(path).eval()
+    assert loaded.config == clf.config == {
+        "arch": TINY, "num_classes": 4, "input_size": 20, "in_chans": 3, "timm_kwargs": {"drop_rate": 0.1},
+    }  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(loaded(x), clf(x))
+
+    path.with_suffix(".json").unlink()  # the weights file records the config too
+    with torch.no_grad():
+        assert torch.equal(Classifier.load(path).eval()(x), clf(x))
+
+
+def test_loads_bare_timm_state_dict_given_the_architecture(tmp_path):
+    clf = tiny(num_classes=2).eval()
+    path = tmp_path / "weights.pth"
+    torch.save(clf.model.state_dict(), path)
+    with pytest.raises(ValueError, match="pass it, e.g. Classifier.load"):
+        Classifier.load(path)
+    loaded = Classifier.load(path, arch=TINY, num_classes=2).eval()
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), clf(x))
+
+
+def test_loads_a_lightning_checkpoint_of_classifier_module(tmp_path):
+    torch.manual_seed(0)
+    module = ClassifierModule(Classifier(TINY, 3), lr=1e-3)
+    data = [{"image": images(8, 16, seed=s), "label": torch.randint(0, 3, (8,))} for s in range(2)]
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    path = tmp_path / "clf.ckpt"
+    trainer.save_checkpoint(path)
+    assert all(k.startswith("classifier.") for k in torch.load(path, weights_only=True)["state_dict"])
+
+    loaded = Classifier.load(path).eval()
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), module.classifier.eval()(x))
+    again = ClassifierModule.load_from_checkpoint(path)  # Lightning's own route works too
+    assert again.classifier.config == module.classifier.config
+
+
+def test_mismatching_architecture_is_reported_with_keys_and_expected_arch(tmp_path):
+    path = tmp_path / "classifier.safetensors"
+    tiny(num_classes=3).save(path)
+    with pytest.raises(ValueError, match=r"'test_byobnet'.*missing keys.*unexpected keys"):
+        Classifier.load(path, arch="test_byobnet")
+    with pytest.raises(ValueError, match=r"shape mismatches \(classifier.weight: file \[3, \d+\] vs model \[5, \d+\]"):
+        Classifier.load(path, num_classes=5)
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        Classifier.load(missing)
+    with pytest.raises(FileNotFoundError, match="classifier.checkpoint"):
+        build_classifier({"arch": TINY, "checkpoint": str(tmp_path / "nope.ckpt")}, num_classes=2)
+
+
+# --------------------------------------------------------------------------------------- errors
+def test_unknown_architecture_suggests_close_names():
+    with pytest.raises(ValueError, match=r"unknown classifier architecture 'resnt18'.*resnet18") as info:
+        Classifier("resnt18", 2)
+    assert "classifier.arch" in str(info.value)
+
+
+def test_offline_pretrained_download_explains_the_alternatives(monkeypatch):
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("Name or service not known")
+        raise AssertionError("only the pretrained call should reach timm here")
+
+    monkeypatch.setattr(clf_mod.timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match=r"could not be fetched.*classifier.checkpoint=<file>.*classifier.pretrained=false"):
+        Classifier(TINY, 2, pretrained=True)
+
+    def bad_kwarg(*args, **kwargs):
+        raise TypeError("unexpected keyword argument 'foo'")
+
+    monkeypatch.setattr(clf_mod.timm, "create_model", bad_kwarg)
+    with pytest.raises(TypeError, match="foo"):  # not a download problem: not disguised as one
+        Classifier(TINY, 2, pretrained=True, foo=1)
+
+
+# --------------------------------------------------------------------------------- from config
+def test_build_classifier_from_checkpoint_checks_the_class_count(tmp_path):
+    clf = tiny(num_classes=3).eval()
+    path = tmp_path / "classifier.safetensors"
+    clf.save(path)
+    built = build_classifier({"arch": TINY, "pretrained": False, "input_size": None, "checkpoint": str(path)}, 3)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(built.eval()(x), clf(x))
+    with pytest.raises(ValueError, match=r"trained for 3 classes, but the data has 5.*classifier.checkpoint"):
+        build_classifier({"arch": TINY, "checkpoint": str(path)}, 5)
+
+    bare = tmp_path / "bare.pt"  # records no config: the class count is read off the head
+    torch.save(clf.model.state_dict(), bare)
+    with pytest.raises(ValueError, match=r"trained for 3 classes, but the data has 2"):
+        build_classifier({"arch": TINY, "checkpoint": str(bare)}, 2)
+
+
+def test_build_classifier_without_checkpoint_follows_the_config():
+    built = build_classifier({"arch": TINY, "input_size": 12, "checkpoint": None, "timm_kwargs": {"drop_rate": 0.2}}, 4)
+    assert built.config == {"arch": TINY, "num_classes": 4, "input_size": 12, "in_chans": 3, "timm_kwargs": {"drop_rate": 0.2}}
+    assert not built.frozen
+
+
+# ----------------------------------------------------------------------------- training pieces
+def test_inverse_frequency_weights_equalise_class_totals():
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
+    w = inverse_frequency_weights(labels, 3)
+    counts = torch.bincount(labels, minlength=3).float()
+    totals = w * counts
+    assert torch.allclose(totals, totals[0].expand(3))  # every class weighs the same in total
+    assert torch.isclose(w[labels].mean(), torch.tensor(1.0))  # average sample weight is one
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        inverse_frequency_weights(torch.tensor([0, 3]), 3)
+
+
+def test_flip_and_shift_mirrors_and_translates_within_bounds():
+    torch.manual_seed(0)
+    n, size, s = 64, 12, 2
+    x = torch.arange(size * size, dtype=torch.float32).view(1, 1, size, size).repeat(n, 2, 1, 1)
+    out = flip_and_shift(x, s)
+    assert out.shape == x.shape
+    seen = set()
+    inner = slice(s, size - s)  # pixels that stay inside the image for every allowed shift
+    for i in range(n):
+        matches = [
+            (flip, dy, dx)
+            for flip in (False, True)
+            for dy in range(-s, s + 1)
+            for dx in range(-s, s + 1)
+            if torch.equal(
+                out[i, :, inner, inner],
+                torch.roll(x[i].flip(-1) if flip else x[i], (-dy, -dx), dims=(1, 2))[:, inner, inner],
+            )
+        ]
+        assert len(matches) == 1, f"sample {i} is not a mirrored/shifted copy of its input"
+        seen.add(matches[0])
+    assert {f for f, _, _ in seen} == {False, True}
+    assert len({(dy, dx) for _, dy, dx in seen}) > 5
+
+
+# ----------------------------------------------------------------------------- training stage
+class _Planted(Dataset):
+    """Class 1 when the image's top half is brighter than its bottom half; mirror-invariant, so
+    the default augmentation keeps the labels right."""
+
+    def __init__(self, n: int, seed: int, size: int = 16):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = (torch.rand(n, generator=g) < 0.3).long()  # imbalanced on purpose
+        x = torch.rand(n, 3, size, size, generator=g) * 1.2 - 0.6
+        sign = torch.where(self.labels == 1, 1.0, -1.0)[:, None, None, None]
+        margin = 0.15 + 0.25 * torch.rand(n, 1, 1, 1, generator=g)
+        x[:, :, : size // 2] += sign * margin
+        x[:, :, size // 2 :] -= sign * margin
+        self.images = x.clamp(-1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+class _PlantedDataModule(pl.LightningDataModule):
+    num_classes = 2
+    class_names = ["bottom brighter", "top brighter"]
+
+    def __init__(self):
+        super().__init__()
+        self.train_set, self.val_set = _Planted(384, seed=0), _Planted(128, seed=1)
+
+    def train_labels(self) -> torch.Tensor:
+        return self.train_set.labels
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=32, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=64)
+
+
+def test_train_classifier_learns_a_planted_rule_and_saves_a_frozen_classifier(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    dm = _PlantedDataModule()
+    clf = Classifier("test_resnet", 2)
+    # GAN-run options in trainer_kwargs (max_steps, ...) must not cut the classifier stage short.
+    trainer_kwargs = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "max_steps": 3,
+                      "val_check_interval": 2, "limit_val_batches": 1}  # fmt: skip
+    start = time.perf_counter()
+    trained, metrics = train_classifier(
+        clf, dm, tmp_path, trainer_kwargs, max_epochs=4, lr=3e-3, weight_decay=0.05,
+        balanced_loss=True, augment=True,
+    )  # fmt: skip
+    assert time.perf_counter() - start < 60
+    assert trained is clf and trained.frozen and not trained.training
+    assert metrics["epochs"] == 4
+    assert metrics["val_acc"] > 0.9 and metrics["val_balanced_acc"] > 0.9, metrics
+
+    # The reported accuracy is the accuracy of the returned classifier on the whole val split.
+    with torch.no_grad():
+        pred = trained(dm.val_set.images).argmax(dim=1)
+    assert abs((pred == dm.val_set.labels).float().mean().item() - metrics["val_acc"]) < 1e-6
+
+    assert json.loads((tmp_path / "classifier_metrics.json").read_text()) == metrics
+    saved = Classifier.load(tmp_path / "classifier.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(saved(dm.val_set.images[:8]), trained(dm.val_set.images[:8]))

@@ -1,0 +1,529 @@
+"""Explanations: AttFind, its metrics, the visual report, the callback and ``explain.py``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from helpers import REPO, tiny_cfg
+from stylex.classifier import Classifier
+from stylex.explain.attfind import (
+    AttFind,
+    AttFindConfig,
+    agreement,
+    greedy_class_ranking,
+    measure_change,
+    shift_targets,
+)
+from stylex.explain.callback import ExplainCallback
+from stylex.explain.cli import main
+from stylex.explain.metrics import (
+    FactorProbe,
+    apply_edits,
+    factor_changes,
+    ground_truth,
+    main_factor,
+    recovery_purity,
+    sufficiency,
+    train_factor_probe,
+)
+from stylex.explain.report import line_plot, pair_panel, toggle_frames, write_report
+from stylex.export import save_export
+from stylex.networks import Encoder, Generator, NoiseInjection
+from stylex.stylespace import StyleSpace
+
+G_KW = dict(z_dim=8, w_dim=8, c_dim=2, resolution=16, channel_base=128, channel_max=16, mapping_layers=1)
+E_KW = dict(w_dim=8, resolution=16, channel_base=128, channel_max=16)
+PLANTED = ("b8.torgb", 5)  # the style coordinate that alone drives the planted classifier
+
+
+# ============================================================================ a planted model
+class RedReader(nn.Module):
+    """Logits ``[0, beta * (mean red - tau)]``: class 1 = "redder than tau"."""
+
+    def __init__(self, tau: float = 0.0, beta: float = 1.0) -> None:
+        super().__init__()
+        self.tau, self.beta = tau, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = x[:, 0].mean(dim=(1, 2))
+        return torch.stack([torch.zeros_like(r), self.beta * (r - self.tau)], dim=1)
+
+
+def planted_generator() -> Generator:
+    """A generator whose red channel is driven by one style coordinate, ``PLANTED``.
+
+    Every toRGB layer is damped (the other coordinates keep small but non-zero effects); toRGB
+    channel 5 of b8 writes red only, and the feature map it reads is a constant (its conv
+    weights are zeroed and its bias set), so the image's red mean is linear in that one style.
+    """
+    torch.manual_seed(0)
+    g = Generator(**G_KW).eval().requires_grad_(False)
+    layer, ch = PLANTED
+    blocks = g.synthesis.blocks
+    with torch.no_grad():
+        for name, module in g.synthesis.named_layers():
+            if name.endswith("torgb"):
+                module.conv.weight.mul_(0.3)
+        rgb = blocks["b8"].torgb
+        rgb.conv.weight[:, ch] = torch.tensor([4.0, 0.0, 0.0]).view(3, 1, 1)
+        rgb.affine.weight[ch] *= 3  # a wide spread of that style over images
+        conv1 = blocks["b8"].conv1
+        conv1.conv.weight[ch] = 0
+        conv1.bias[ch] = 1.0
+    return g
+
+
+@pytest.fixture(scope="module")
+def planted():
+    g = planted_generator()
+    space = StyleSpace(g)
+    flat = AttFind(g, RedReader()).sample(24, seed=1)
+    with torch.no_grad():
+        red = space.render(flat)[:, 0].mean(dim=(1, 2))
+    clf = RedReader(float(red.median()), 4.0 / float(red.std()))  # both classes, soft probabilities
+    return SimpleNamespace(G=g, C=clf, space=space, flat=flat, i=space.index(*PLANTED))
+
+
+@pytest.fixture(scope="module")
+def planted_result(planted):
+    return AttFind(planted.G, planted.C).run(planted.flat, top_k=3)
+
+
+def test_planted_coordinate_is_ranked_first_for_each_class_and_each_image(planted, planted_result):
+    for prescreen in (None, 6):
+        r = planted_result if prescreen is None else AttFind(
+            planted.G, planted.C, AttFindConfig(prescreen=prescreen)).run(planted.flat, top_k=3)
+        # Redder = class 1: raising the planted style helps class 1, lowering it helps class 0.
+        first = {c: (r.rankings[c][0].coordinate, r.rankings[c][0].direction_name) for c in (0, 1)}
+        assert first == {0: (planted.i, "decrease"), 1: (planted.i, "increase")}, prescreen
+        assert r.rankings[1][0].probability_change > 5 * abs(r.rankings[1][1].probability_change)
+        assert len(r.rankings[0]) == len(r.rankings[1]) == 3
+        for n in range(r.num_images):
+            (i, d, _), *_ = r.image_topk(n, 3)
+            assert i == planted.i, f"image {n}: coordinate {i} ranked first"
+            # away from the predicted class: an image predicted red is made less red
+            assert d == (0 if int(r.predicted[n]) == 1 else 1)
+    # Each class pool holds the images not predicted as that class.
+    pred = planted_result.predicted
+    assert set(planted_result.pools[1].tolist()) == set(torch.nonzero(pred != 1).flatten().tolist())
+
+
+def test_prescreening_agrees_with_the_exhaustive_search_on_the_planted_model(planted, planted_result):
+    screened = AttFind(planted.G, planted.C, AttFindConfig(prescreen=6)).run(planted.flat, top_k=3)
+    assert screened.mode == "prescreen"
+    # Far fewer edits rendered, and those rendered are exactly the exhaustive values.
+    assert screened.evaluated.sum() < 0.2 * planted_result.evaluated.sum()
+    m = screened.evaluated
+    torch.testing.assert_close(screened.logp[m], planted_result.logp[m], atol=1e-5, rtol=0)
+    a = agreement(screened, planted_result, k=1)
+    assert a["class_top1"] == 1.0 and a["image_top1"] == 1.0
+
+
+def _tiny_classifier() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.LeakyReLU(0.2), nn.Flatten(), nn.LazyLinear(3)).eval()
+
+
+def test_prefix_reuse_and_batching_give_the_naive_effects():
+    torch.manual_seed(1)
+    g = Generator(**{**G_KW, "c_dim": 3}).eval().requires_grad_(False)
+    for m in g.modules():
+        if isinstance(m, NoiseInjection):
+            m.strength.data.fill_(0.3)  # constant noise must be reproduced by resumed renders
+    clf = _tiny_classifier()
+    clf(torch.zeros(1, 3, 16, 16))  # materialise the lazy layer
+    space = StyleSpace(g)
+    finder = AttFind(g, clf)
+    flat = finder.sample(6, seed=2)
+    stats = space.statistics(flat)
+    images = flat[:2]
+    targets = shift_targets(images, stats["min"], stats["max"], 0.7)
+
+    # Naive: one coordinate at a time, full renders, through StyleSpace.edit.
+    naive = torch.empty(2, space.dim, 2, 3)
+    with torch.no_grad():
+        base = clf(space.render(images)).log_softmax(-1)
+        for n in range(2):
+            for i in range(space.dim):
+                for d in range(2):
+                    edited = space.edit(images[n : n + 1], [i], [float(targets[n, i, d])])
+                    naive[n, i, d] = clf(space.render(edited)).log_softmax(-1)[0]
+
+    for cfg in (AttFindConfig(shift_size=0.7, batch_size=7),  # chunks merge layers and split them
+                AttFindConfig(shift_size=0.7, batch_size=64, reuse_prefix=False)):
+        r = AttFind(g, clf, cfg).run(images, top_k=2, reference=flat)
+        torch.testing.assert_close(r.logp_base, base, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r.logp, naive, atol=1e-5, rtol=0)
+
+    # The same search through Lightning's predict loop (the multi-device path) agrees too,
+    # pre-screening phase included.
+    cfg = AttFindConfig(shift_size=0.7, prescreen=5)
+    plain = AttFind(g, clf, cfg).run(images, top_k=2, reference=flat)
+    via_trainer = AttFind(g, clf, cfg).run(images, top_k=2, reference=flat,
+                                           trainer_kwargs={"accelerator": "cpu", "devices": 1})
+    assert torch.equal(plain.evaluated, via_trainer.evaluated)
+    torch.testing.assert_close(via_trainer.logp, plain.logp, atol=1e-6, rtol=0, equal_nan=True)
+
+
+def test_probability_jacobian_matches_autograd(planted):
+    finder = AttFind(planted.G, planted.C)
+    x = planted.flat[:2]
+    _, jac = finder.evaluator.probability_jacobian(x)
+    for n in range(2):
+        def probs(s):
+            return planted.C(planted.space.render(s[None])).softmax(-1)[0]
+
+        expected = torch.autograd.functional.jacobian(probs, x[n])  # [K, S]
+        torch.testing.assert_close(jac[n], expected, atol=1e-6, rtol=1e-4)
+
+
+def test_greedy_ranking_moves_on_to_images_not_yet_explained():
+    # Pair (0, up) helps images 0-1 a lot; (1, up) helps everyone a little; (2, up) helps 2-3.
+    eff = torch.zeros(4, 3, 2)
+    eff[:2, 0, 1] = 1.0
+    eff[:, 1, 1] = 0.45
+    eff[2:, 2, 1] = 0.8
+    need = torch.full((4,), 0.9)
+    # Step 1 takes coordinate 0 (mean 0.5) and explains images 0-1; step 2 serves images 2-3
+    # with coordinate 2 although coordinate 1 has the larger mean over all images.
+    assert greedy_class_ranking(eff, need, 3) == [(0, 1), (2, 1), (1, 1)]
+    # Without the cap (nothing is ever explained) the plain mean order comes out.
+    assert greedy_class_ranking(eff, torch.full((4,), math.inf), 3) == [(0, 1), (1, 1), (2, 1)]
+    # Pairs not rendered on every image never compete.
+    eff[3, 0, 1] = float("nan")
+    assert greedy_class_ranking(eff, need, 1) == [(1, 1)]
+
+
+def test_unstable_images_are_left_out(planted):
+    finder = AttFind(planted.G, planted.C, AttFindConfig(unstable_threshold=0.3, unstable_count=2))
+    n, s = 4, planted.space.dim
+    flat = planted.flat[:n]
+    logp_base = torch.tensor([[0.8, 0.2]] * n).log()
+    logp = logp_base[:, None, None, :].repeat(1, s, 2, 1)
+    logp[0, :3, 1] = torch.tensor([0.2, 0.8]).log()  # image 0: three coordinates flip it
+    logp[1, 0, 1] = torch.tensor([0.2, 0.8]).log()  # image 1: two (allowed)
+    logp[1, 1, 1] = torch.tensor([0.45, 0.55]).log()
+    logp[2, 7, 0] = torch.tensor([0.6, 0.4]).log()  # below the threshold
+    targets = torch.zeros(n, s, 2)
+    r = finder.rank(flat, targets, logp_base, logp, top_k=1)
+    assert r.sensitive.tolist() == [3, 2, 0, 0]
+    assert r.stable.tolist() == [False, True, True, True]
+    assert 0 not in r.pools[1].tolist()
+    # Over the stable images coordinate 0 raises class 1 by 0.6 on image 1 only: mean 0.2;
+    # coordinate 1 by 0.35 (mean 0.117), coordinate 7 by 0.2 (mean 0.067).
+    a = r.rankings[1][0]
+    assert (a.coordinate, a.direction) == (0, 1)
+    assert a.probability_change == pytest.approx(0.6 / 3, abs=1e-6)
+    assert a.share_affected == pytest.approx(1 / 3)
+
+
+def test_logit_measure_is_the_one_vs_rest_log_odds():
+    p_base = torch.tensor([[0.7, 0.2, 0.1]])
+    p_edit = torch.tensor([[[0.3, 0.3, 0.4]]])
+    got = measure_change(p_edit.log(), p_base.log(), "logit")[0, 0]
+    expected = torch.log(p_edit[0, 0] / (1 - p_edit[0, 0])) - torch.log(p_base[0] / (1 - p_base[0]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(measure_change(p_edit.log(), p_base.log(), "prob")[0, 0], p_edit[0, 0] - p_base[0])
+    # Saturated probabilities stay finite.
+    sat = torch.tensor([[0.0, -80.0]])
+    assert torch.isfinite(measure_change(sat[:, None], torch.tensor([[-80.0, 0.0]]), "logit")).all()
+
+
+# ============================================================================ metrics
+def test_flip_rate_matches_direct_edits(planted, planted_result):
+    r, space = planted_result, planted.space
+    suff = sufficiency(r, AttFind(planted.G, planted.C).evaluator, ks=[1, 2, 3])
+    # Independently: move the planted coordinate away from each image's class and classify.
+    flips = []
+    with torch.no_grad():
+        for n in torch.nonzero(r.stable).flatten().tolist():
+            d = 0 if int(r.predicted[n]) == 1 else 1
+            edited = space.edit(r.flat[n : n + 1], [planted.i], [float(r.targets[n, planted.i, d])])
+            flips.append(int(planted.C(space.render(edited)).argmax()) != int(r.predicted[n]))
+    assert suff.curves["attfind"][0] == pytest.approx(sum(flips) / len(flips))
+    assert suff.curves["attfind"][0] > 0.5
+    # Coordinates picked without the classifier almost never hit the planted one.
+    assert suff.curves["random"][0] < suff.curves["attfind"][0]
+
+
+def test_apply_edits_changes_exactly_the_listed_coordinates():
+    flat = torch.randn(3, 10)
+    targets = torch.randn(3, 10, 2)
+    coords = torch.tensor([[2, 5], [0, -1], [-1, -1]])
+    dirs = torch.tensor([[1, 0], [0, 1], [0, 0]])
+    out = apply_edits(flat, targets, coords, dirs)
+    expected = flat.clone()
+    expected[0, 2], expected[0, 5], expected[1, 0] = targets[0, 2, 1], targets[0, 5, 0], targets[1, 0, 0]
+    assert torch.equal(out, expected)
+
+
+def test_recovery_and_purity():
+    causal = ["exudates", "haemorrhages"]
+    assert recovery_purity(["exudates", "hue", "exudates", None], causal) == (0.5, 0.5)
+    assert recovery_purity(["haemorrhages", "exudates"], causal) == (1.0, 1.0)
+    assert recovery_purity(["hue"], causal) == (0.0, 0.0)
+
+
+class ChannelProbe(FactorProbe):
+    """A probe without training: "exudates" = mean red, "hue" = mean green."""
+
+    def __init__(self) -> None:
+        super().__init__(["exudates", "hue"], width=1)
+        self.r2 = {"exudates": 1.0, "hue": 1.0}
+        self.std.fill_(0.05)
+
+    def read(self, images):
+        return images[:, :2].mean(dim=(2, 3))
+
+
+def test_ground_truth_attributes_the_planted_coordinate_to_its_factor(planted, planted_result):
+    gt = ground_truth(planted_result, AttFind(planted.G, planted.C).evaluator, ChannelProbe())
+    for c in (0, 1):
+        assert gt.per_class[c]["factors"][0] == "exudates"  # the planted coordinate paints red
+        assert gt.per_class[c]["changes"][0]["exudates"] > 10 * gt.per_class[c]["changes"][1]["exudates"]
+    assert gt.recovery == 0.5  # "haemorrhages" is never found
+    factors = [f for c in (0, 1) for f in gt.per_class[c]["factors"]]
+    assert gt.purity == pytest.approx(sum(f == "exudates" for f in factors) / len(factors))
+
+
+def test_factor_probe_names_the_factor_an_edit_changes():
+    from stylex.data.synthetic import render_scene, sample_factors
+
+    probe = train_factor_probe(16, num_train=640, num_val=128, epochs=5, factor_names=["brightness", "disc_x"])
+    assert probe.r2["disc_x"] > 0.6 and probe.r2["brightness"] > 0.4, probe.r2
+    rng = np.random.default_rng(0)
+
+    def image(f):
+        return torch.from_numpy(render_scene(f, 16)[0]).permute(2, 0, 1).float() / 127.5 - 1
+
+    scenes = [sample_factors(rng) for _ in range(12)]
+    for s in scenes:
+        s.update(brightness=0.85, disc_x=-0.45)
+    before = torch.stack([image(s) for s in scenes])
+    moved = torch.stack([image({**s, "disc_x": 0.45}) for s in scenes])
+    brighter = torch.stack([image({**s, "brightness": 1.15}) for s in scenes])
+    readable = probe.readable(0.4)
+    assert main_factor(factor_changes(probe, before, moved), readable) == "disc_x"
+    assert main_factor(factor_changes(probe, before, brighter), readable) == "brightness"
+    assert main_factor(factor_changes(probe, before, before), readable) is None
+
+
+# ============================================================================ report
+def _rgb(pil: Image.Image) -> np.ndarray:
+    return np.asarray(pil.convert("RGB")).astype(np.int64)
+
+
+def test_pair_panel_and_gif_frames_show_the_images_with_labels():
+    torch.manual_seed(0)
+    orig = torch.rand(2, 3, 8, 8) * 2 - 1
+    mod = -orig
+    panel = pair_panel(orig, mod, [0.1, 0.2], [0.9, 0.8], ["title"], tile=64)
+    arr = _rgb(panel)
+    band = arr.shape[0] - 64
+    # Layout: (orig 64 | 2 | mod 64 | 14 | orig 64 | 2 | mod 64).
+    starts = [0, 66, 144, 210]
+    expected = [orig[0], mod[0], orig[1], mod[1]]
+    for x, img in zip(starts, expected):
+        tile = arr[band:, x : x + 64]
+        up = ((img.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int64)
+        up = up.repeat(8, 0).repeat(8, 1)
+        assert np.array_equal(tile[32:, 32:], up[32:, 32:])  # away from the label: the image itself
+        assert not np.array_equal(tile[:12, :30], up[:12, :30])  # the probability label is drawn
+    frames = toggle_frames(orig, mod, [0.1, 0.2], [0.9, 0.8], ["t"], tile=64)
+    assert len(frames) == 2 and frames[0].size == frames[1].size
+    assert not np.array_equal(_rgb(frames[0]), _rgb(frames[1]))
+
+
+def test_line_plot_draws_each_curve_at_its_values():
+    img = _rgb(line_plot([1, 2, 3], {"attfind": [1.0, 1.0, 1.0], "random": [0.0, 0.0, 0.0]}))
+    red = np.all(img == (214, 39, 40), axis=-1)
+    grey = np.all(img == (120, 120, 120), axis=-1)
+    red_rows = np.nonzero(red[:, 100:480].any(axis=1))[0]
+    grey_rows = np.nonzero(grey[:, 100:480].any(axis=1))[0]
+    # y = 1 sits at the top of the axes, y = 0 at the bottom.
+    assert red_rows.mean() < 60 and grey_rows.mean() > 340
+
+
+def test_report_files_and_self_contained_html(planted, planted_result, tmp_path):
+    finder = AttFind(planted.G, planted.C)
+    suff = sufficiency(planted_result, finder.evaluator, ks=[1, 2])
+    rep = write_report(tmp_path, planted_result, finder.evaluator, ["pale", "red"], examples=3,
+                       sufficiency=suff, image_panels=[0, 1])
+    data = json.loads(rep.json.read_text())
+    assert [a["coordinate"] for a in data["classes"]["red"]["attributes"]][:1] == [planted.i]
+    for cls in data["classes"].values():
+        assert len(cls["attributes"]) == 3
+        for a in cls["attributes"]:
+            assert (tmp_path / a["panel"]).is_file() and (tmp_path / a["gif"]).is_file()
+            with Image.open(tmp_path / a["gif"]) as gif:
+                assert gif.n_frames == 2 and gif.info.get("loop") == 0
+    assert len(data["images"]) == planted_result.num_images
+    assert data["images"][0]["top_attributes"][0]["coordinate"] == planted.i
+    assert data["flip_rate"]["attfind"] == suff.curves["attfind"]
+    html = rep.html.read_text()
+    uris = re.findall(r"src='(data:image/(?:png|gif);base64,[^']+)'", html)
+    assert len(uris) == 2 * 6 + 1 + 2  # panels and GIFs, the plot, two image panels
+    assert "src='panels/" not in html and "src='gifs/" not in html
+    first_panel = (tmp_path / data["classes"]["pale"]["attributes"][0]["panel"]).read_bytes()
+    assert base64.b64encode(first_panel).decode() in html
+
+
+# ============================================================================ callback
+class WandbLogger:  # named like Lightning's, which is what the callback dispatches on
+    def __init__(self):
+        self.tables, self.images = [], []
+
+    def log_table(self, key, columns, data):
+        self.tables.append((key, columns, data))
+
+    def log_image(self, key, images, caption=None, step=None):
+        self.images.append((key, images))
+
+
+def _random_nets():
+    torch.manual_seed(0)
+    g = Generator(**G_KW).eval().requires_grad_(False)
+    e = Encoder(**E_KW).eval()
+    c = Classifier("resnet10t", 2).freeze()
+    return g, e, c
+
+
+def test_callback_explains_after_fit_and_logs(tmp_path):
+    g, e, c = _random_nets()
+    e.train()
+    dataset = [{"image": torch.rand(3, 16, 16) * 2 - 1, "label": torch.tensor(i % 2)} for i in range(20)]
+    module = SimpleNamespace(G_ema=g, E=e, classifier=c, class_names=["a", "b"], num_classes=2,
+                             device=torch.device("cpu"), g_steps=torch.tensor(7))
+    wandb = WandbLogger()
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_dataset=dataset), loggers=[wandb], global_step=7,
+                              current_epoch=0)
+    cb = ExplainCallback(tmp_path / "explain", top_k=2, num_images=10, prescreen=8, flip_k=2, examples=2)
+    cb.on_train_end(trainer, module)
+    rep = cb.last_report
+    assert rep is not None and rep.html.is_file()
+    data = json.loads(rep.json.read_text())
+    assert data["search"]["num_images"] == 10 and data["search"]["mode"] == "prescreen"
+    assert [len(v["attributes"]) for v in data["classes"].values()] == [2, 2]
+    key, columns, rows = wandb.tables[0]
+    assert key == "explain/attributes" and len(rows) == 4 and columns[:2] == ["class", "rank"]
+    assert [k for k, _ in wandb.images] == ["explain/panels", "explain/flip_rate"]
+    assert all(Path(p).is_file() for p in wandb.images[0][1])
+    assert e.training, "the encoder's training mode must be restored"
+    # every_n_epochs: periodic reports in their own folders
+    periodic = ExplainCallback(tmp_path / "p", top_k=1, num_images=4, every_n_epochs=2, prescreen=4, flip_k=0)
+    periodic.on_train_epoch_end(trainer, module)  # epoch 1: not due
+    assert not (tmp_path / "p").exists()
+    trainer.current_epoch = 1
+    periodic.on_train_epoch_end(trainer, module)
+    assert (tmp_path / "p" / "epoch_0002" / "report.html").is_file()
+
+
+# ============================================================================ explain.py
+@pytest.fixture(scope="module")
+def random_export(tmp_path_factory):
+    """A run-like folder with an export of small random networks (no training)."""
+    root = tmp_path_factory.mktemp("exported")
+    run = root / "runs" / "synthetic" / "2024-01-01_00-00-00"
+    g, e, c = _random_nets()
+    dataset = {"_target_": "stylex.data.SyntheticDataModule", "name": "synthetic", "resolution": 16,
+               "batch_size": 8, "num_train": 16, "num_val": 24, "num_test": 8}
+    save_export(run / "export", g, G_KW, e, E_KW, c, ["healthy", "DR signs"], extra={"config": {"dataset": dataset}})
+    return SimpleNamespace(root=root, run=run, dim=StyleSpace(g).dim)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no_run", "not_export", "training_ckpt", "top_k", "bad_image", "missing_image", "bad_class"],
+)
+def test_explain_cli_reports_bad_input_without_traceback(case, random_export, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = str(random_export.run)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a model")
+    fake_png = tmp_path / "photo.png"
+    fake_png.write_text("this is text")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    argv, message = {
+        "no_run": ([], "no run found under"),
+        "not_export": (["--checkpoint", str(junk)], "is not a StylEx export"),
+        "training_ckpt": (["--checkpoint", str(ckpt)], "is a training checkpoint, not a StylEx export"),
+        "top_k": (["--run", run, "--top-k", str(random_export.dim + 1)],
+                  f"larger than the number of style coordinates ({random_export.dim})"),
+        "bad_image": (["--run", run, "--image", str(fake_png)], "cannot read it as an image"),
+        "missing_image": (["--run", run, "--image", str(tmp_path / "nope.png")], "no such file"),
+        "bad_class": (["--run", run, "--classes", "cats"], "unknown class 'cats'"),
+    }[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0], err
+    assert "Traceback" not in err
+
+
+def test_explain_cli_explains_given_images(random_export, tmp_path, capsys):
+    paths = []
+    for j, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+        p = tmp_path / f"img {j}.png"  # a space in the name, as in real data sets
+        Image.new("RGB", (40, 30), colour).save(p)
+        paths += ["--image", str(p)]
+    out = tmp_path / "report"
+    rc = main(["--run", str(random_export.run), *paths, "--top-k", "2", "--num-images", "8", "--out", str(out),
+               "--flip-k", "2", "--prescreen", "none", "--classes", "DR signs"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str((out / "report.html").resolve())
+    data = json.loads((out / "explanation.json").read_text())
+    assert list(data["classes"]) == ["DR signs"]
+    assert [im["source"] for im in data["images"]] == [p for p in paths if p != "--image"]
+    for im in data["images"]:
+        assert len(im["top_attributes"]) == 2 and (out / im["panel"]).is_file()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """The one real (tiny) training run of this file, placed where explain.py looks by default."""
+    from stylex.training.run import train
+
+    root = tmp_path_factory.mktemp("trained")
+    run = root / "runs" / "synthetic" / "2024-01-01_00-00-00"
+    cfg = tiny_cfg(run, "trainer.max_steps=2", "classifier.train.max_epochs=1", "callbacks.checkpoint.every_n_steps=100",
+                   "trainer.val_check_interval=100")
+    train(cfg)
+    return root, run
+
+
+def test_explain_py_end_to_end_on_the_latest_run(trained_run):
+    root, run = trained_run
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "explain.py"), "--top-k", "2", "--num-images", "8",
+                           "--flip-k", "3", "--examples", "2"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = Path(proc.stdout.strip().splitlines()[-1])
+    assert html == (run / "explain" / "report.html").resolve() and html.is_file()
+    data = json.loads((html.parent / "explanation.json").read_text())
+    assert list(data["classes"]) == ["healthy", "DR signs"]
+    for cls in data["classes"].values():
+        assert len(cls["attributes"]) == 2
+        for a in cls["attributes"]:
+            assert {"coordinate", "layer", "channel", "direction", "mean_probability_change",
+                    "share_affected"} <= set(a)
+            assert (html.parent / a["panel"]).is_file() and (html.parent / a["gif"]).is_file()
+    assert len(data["images"]) == 8 and all(im["source"].startswith("synthetic/val:") for im in data["images"])
+    assert (html.parent / "flip_rate.png").is_file() and len(data["flip_rate"]["attfind"]) == 3
+    assert html.read_text().count("data:image/gif;base64,") == 4

@@ -1,0 +1,240 @@
+"""StylEx training: losses, the LightningModule, a short real run, resume, export, precision."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+
+from helpers import tiny_cfg
+from stylex.training import losses
+from stylex.training.run import ConfigError, build_datamodule, build_module, train
+
+
+# ------------------------------------------------------------------------------------------ losses
+def test_logistic_losses_match_their_definition():
+    real, fake = torch.randn(6, 1), torch.randn(5, 1)
+    sig = torch.sigmoid
+    expected_d = -torch.log(sig(real)).mean() - torch.log(1 - sig(fake)).mean()
+    assert torch.allclose(losses.d_logistic_loss(real, fake), expected_d, atol=1e-6)
+    assert torch.allclose(losses.g_nonsaturating_loss(fake), -torch.log(sig(fake)).mean(), atol=1e-6)
+
+
+def test_r1_penalty_of_a_linear_discriminator_is_its_squared_weight_norm():
+    a = torch.randn(3, 4, 4)
+    x = torch.randn(5, 3, 4, 4, requires_grad=True)
+    logits = (x * a).sum(dim=[1, 2, 3])[:, None]
+    assert torch.allclose(losses.r1_penalty(x, logits), a.square().sum(), rtol=1e-5)
+
+
+def test_path_length_of_a_linear_generator():
+    # img = reshape(A w); for isotropic image noise y of variance 1/(HW), E|A^T y|^2 = |A|_F^2 / (HW).
+    torch.manual_seed(0)
+    hw = 8 * 8
+    a = torch.randn(3 * hw, 16)
+    w = torch.randn(4096, 16, requires_grad=True)
+    img = (w @ a.T).view(-1, 3, 8, 8)
+    pl_mean = torch.zeros(())
+    losses.path_length_penalty(img, w, pl_mean, decay=1.0)
+    expected = math.sqrt(a.square().sum() / hw)
+    assert abs(float(pl_mean) - expected) / expected < 0.05
+
+
+def test_classifier_kl_matches_definition_and_vanishes_at_equality():
+    p = torch.softmax(torch.randn(4, 3), 1)
+    logits = torch.randn(4, 3)
+    q = torch.softmax(logits, 1)
+    expected = (p * (p.log() - q.log())).sum(1).mean()
+    assert torch.allclose(losses.classifier_kl(p, logits), expected, atol=1e-6)
+    assert float(losses.classifier_kl(p, p.log())) == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ module
+def _module_and_data(tmp_path, *overrides):
+    cfg = tiny_cfg(tmp_path / "run", *overrides)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    from stylex.classifier import build_classifier
+    from omegaconf import OmegaConf
+
+    clf = build_classifier(OmegaConf.to_container(cfg.classifier, resolve=True), dm.num_classes).freeze()
+    return cfg, dm, clf
+
+
+def _fit_steps(module, dm, steps, tmp_path, **kw):
+    trainer = pl.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path), **kw,
+    )
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_classifier_stays_frozen_while_its_gradient_trains_the_generator(tmp_path):
+    # Only the noise-path classifier KL is switched on: the generator can only change through
+    # gradients that pass through the frozen classifier.
+    zero = [f"loss.{k}=0" for k in ("adv", "rec_l1", "perceptual", "latent_l1", "kl_rec")]
+    cfg, dm, clf = _module_and_data(tmp_path, *zero, "loss.r1_gamma=0")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    clf_before = {k: v.clone() for k, v in clf.state_dict().items()}
+    g_before = [p.detach().clone() for p in module.G.synthesis.parameters()]
+    _fit_steps(module, dm, 2, tmp_path)
+    for k, v in clf.state_dict().items():
+        assert torch.equal(v, clf_before[k]), f"classifier tensor {k} changed during StylEx training"
+    assert all(not p.requires_grad for p in clf.parameters())
+    assert not clf.training
+    changed = sum(not torch.equal(a, b) for a, b in zip(g_before, module.G.synthesis.parameters()))
+    assert changed > 0, "no generator parameter moved: the classifier KL did not reach the generator"
+
+
+def test_max_steps_counts_training_steps_not_optimiser_steps(tmp_path):
+    cfg, dm, clf = _module_and_data(tmp_path)
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    trainer = _fit_steps(module, dm, 3, tmp_path)
+    assert int(module.g_steps) == 3 and int(module.d_steps) == 3
+    assert trainer.global_step == 3
+
+
+def test_non_finite_gradient_stops_with_a_clear_message(tmp_path):
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.rec_l1=nan")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    with pytest.raises(FloatingPointError, match="non-finite gradient in the generator/encoder update"):
+        _fit_steps(module, dm, 2, tmp_path)
+
+
+def test_bf16_mixed_step_keeps_r1_in_float32(tmp_path, monkeypatch):
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.r1_interval=1")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    seen = []
+    original = losses.r1_penalty
+
+    def spy(x, logits):
+        seen.append((x.dtype, logits.dtype, torch.is_autocast_cpu_enabled()))
+        return original(x, logits)
+
+    monkeypatch.setattr(losses, "r1_penalty", spy)
+    _fit_steps(module, dm, 2, tmp_path, precision="bf16-mixed")
+    assert seen and all(d == (torch.float32, torch.float32, False) for d in seen)
+    assert all(torch.isfinite(p).all() for p in module.G.parameters())
+
+
+# ------------------------------------------------------------------------------------------ a real run
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "synthetic" / "tiny"
+    cfg = tiny_cfg(run_dir, "trainer.max_steps=80", "callbacks.samples.every_n_steps=40",
+                   "trainer.log_every_n_steps=1")
+    return train(cfg)
+
+
+def _metric_series(run_dir: Path, key: str) -> list[float]:
+    files = list((run_dir / "logs").rglob("metrics.csv"))
+    assert files, f"no metrics.csv under {run_dir / 'logs'}"
+    out = []
+    for f in files:
+        with open(f) as fh:
+            for row in csv.DictReader(fh):
+                if row.get(key) not in (None, ""):
+                    out.append(float(row[key]))
+    return out
+
+
+def test_short_run_reduces_reconstruction_and_classifier_kl(tiny_run):
+    for key in ("train/rec_l1", "train/kl_rec"):
+        series = _metric_series(tiny_run, key)
+        assert len(series) == 80, key
+        first, last = series[:10], series[-10:]
+        assert sum(last) / len(last) < 0.8 * sum(first) / len(first), f"{key} did not go down: {series}"
+
+
+def test_run_folder_holds_everything_later_commands_need(tiny_run):
+    for rel in ("config.yaml", "classifier/classifier.safetensors", "checkpoints/last.ckpt",
+                "export/model.safetensors", "export/stylex.json", "summary.json"):
+        assert (tiny_run / rel).is_file(), rel
+    assert sorted(p.name for p in (tiny_run / "samples").glob("*.png"))[-1] == "step_000080.png"
+
+
+def test_export_reproduces_the_trained_ema_generator(tiny_run):
+    from stylex.export import load_export
+
+    exp = load_export(tiny_run)
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    g_state = {k[len("G_ema."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("G_ema.")}
+    for k, v in exp.generator.state_dict().items():
+        assert torch.equal(v, g_state[k]), k
+    z = torch.randn(2, exp.generator.z_dim)
+    c = torch.softmax(torch.randn(2, len(exp.class_names)), 1)
+    x = exp.generator(z, c, noise_mode="const")
+    assert x.shape == (2, 3, exp.resolution, exp.resolution)
+    logits = exp.classifier(exp.generator.generate(exp.encoder(x), c, noise_mode="const"))
+    assert logits.shape == (2, len(exp.class_names))
+
+
+def test_resume_restores_weights_optimisers_and_counters(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "synthetic" / "copy"
+    shutil.copytree(tiny_run, run)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+    captured = {}
+
+    class Capture(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            captured["state"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            captured["optim"] = [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
+
+    from stylex.training import run as run_mod
+
+    original = run_mod.build_callbacks
+    run_mod.build_callbacks = lambda *a, **k: original(*a, **k) + [Capture()]
+    try:
+        cfg = tiny_cfg(tmp_path, f"resume={run}", "trainer.max_steps=83")
+        out = train(cfg, overrides=["trainer.max_steps=83"])
+    finally:
+        run_mod.build_callbacks = original
+    assert out == run
+    for k, v in saved["state_dict"].items():
+        assert torch.equal(captured["state"][k], v), f"{k} not restored"
+    for got, want in zip(captured["optim"], saved["optimizer_states"]):
+        for sid, st in want["state"].items():
+            assert torch.equal(got["state"][sid]["exp_avg"], st["exp_avg"])
+    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert int(final["state_dict"]["g_steps"]) == 83 and final["global_step"] == 83
+
+
+def test_resume_refuses_to_switch_config_groups(tiny_run):
+    cfg = tiny_cfg(tiny_run.parent / "other", f"resume={tiny_run}")
+    with pytest.raises(ConfigError, match="keeps its config groups"):
+        train(cfg, overrides=["dataset=retina"])
+
+
+def test_resume_of_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg(tmp_path / "x", f"resume={tmp_path}")
+    with pytest.raises(ConfigError, match="last.ckpt does not exist"):
+        train(cfg)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_atomic_checkpoint_write_keeps_the_previous_file_when_interrupted(tmp_path):
+    from stylex.training.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1000), "x": Boom()}, path)
+    assert torch.load(path, weights_only=False)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "a temporary file was left behind"
