@@ -674,7 +674,7 @@ def _fit_inputs(datamodule: Any) -> dict[str, Any]:
 
 
 def train_classifier(
-    classifier: Classifier,  # unfrozen; trained in place
+    classifier: Classifier,  # trained in place (unfrozen first if it was frozen)
     datamodule: Any,  # LightningDataModule (or object) with num_classes, train_labels(), loaders
     out_dir: str | Path,  # gets classifier.safetensors, classifier.json, classifier_metrics.json
     trainer_kwargs: Mapping[str, Any],  # the main run's pl.Trainer options; see CLASSIFIER_TRAINER_KEYS
@@ -686,6 +686,9 @@ def train_classifier(
     logger: Any = None,  # a Lightning logger, or None for no logging
 ) -> tuple[Classifier, dict[str, Any]]:
     """Train ``classifier`` on ``datamodule`` with its own short Lightning run, save it, freeze it.
+
+    ``balanced_loss`` calls ``datamodule.train_labels()`` before the fit starts, so the data
+    module must be able to answer it by then (set it up first if it needs that).
 
     Only the options named in :data:`CLASSIFIER_TRAINER_KEYS` are taken from ``trainer_kwargs``;
     no checkpoints are written during the run and no sanity validation is done. The validation
@@ -789,7 +792,7 @@ def build_classifier(
     Without ``checkpoint``, a new timm model (pretrained or not). With it, the saved classifier:
     the architecture recorded in the checkpoint wins over ``cfg['arch']`` (a warning says so
     when they differ); a bare state dict, which records none, is read with ``cfg``'s arch,
-    input size and timm kwargs.
+    input size and timm kwargs. ``pretrained`` is ignored when a checkpoint is given.
     """
     arch = cfg.get("arch")
     input_size = cfg.get("input_size")
@@ -800,9 +803,13 @@ def build_classifier(
         if arch is None:
             raise ValueError("classifier.arch is not set; name a timm model, e.g. classifier.arch=resnet18")
         return Classifier(
-            arch, num_classes, input_size=input_size, pretrained=bool(cfg.get("pretrained", False)),
-            in_chans=in_chans, **timm_kwargs,
-        )  # fmt: skip
+            arch,
+            num_classes,
+            input_size=input_size,
+            pretrained=bool(cfg.get("pretrained", False)),
+            in_chans=in_chans,
+            **timm_kwargs,
+        )
 
     state, recorded = read_checkpoint(checkpoint)
     if recorded is None:

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*",
     "ignore:.*isinstance\\(treespec, LeafSpec\\).*",
     "ignore:.*smaller than the logging interval.*",
+    "ignore:.*no `val_dataloader`.*",
 )
 
 
@@ -120,9 +121,8 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
 
     x = images(size=32)
     loaded = Classifier.load(path).eval()
-    assert loaded.config == clf.config == {
-        "arch": TINY, "num_classes": 4, "input_size": 20, "in_chans": 3, "timm_kwargs": {"drop_rate": 0.1},
-    }  # fmt: skip
+    expected = {"arch": TINY, "num_classes": 4, "input_size": 20, "in_chans": 3, "timm_kwargs": {"drop_rate": 0.1}}
+    assert loaded.config == clf.config == expected
     with torch.no_grad():
         assert torch.equal(loaded(x), clf(x))
 
@@ -148,9 +148,14 @@ def test_loads_a_lightning_checkpoint_of_classifier_module(tmp_path):
     module = ClassifierModule(Classifier(TINY, 3), lr=1e-3)
     data = [{"image": images(8, 16, seed=s), "label": torch.randint(0, 3, (8,))} for s in range(2)]
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
     path = tmp_path / "clf.ckpt"
     trainer.save_checkpoint(path)
@@ -312,13 +317,26 @@ def test_train_classifier_learns_a_planted_rule_and_saves_a_frozen_classifier(tm
     dm = _PlantedDataModule()
     clf = Classifier("test_resnet", 2)
     # GAN-run options in trainer_kwargs (max_steps, ...) must not cut the classifier stage short.
-    trainer_kwargs = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "max_steps": 3,
-                      "val_check_interval": 2, "limit_val_batches": 1}  # fmt: skip
+    trainer_kwargs = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "max_steps": 3,
+        "val_check_interval": 2,
+        "limit_val_batches": 1,
+    }
     start = time.perf_counter()
     trained, metrics = train_classifier(
-        clf, dm, tmp_path, trainer_kwargs, max_epochs=4, lr=3e-3, weight_decay=0.05,
-        balanced_loss=True, augment=True,
-    )  # fmt: skip
+        clf,
+        dm,
+        tmp_path,
+        trainer_kwargs,
+        max_epochs=4,
+        lr=3e-3,
+        weight_decay=0.05,
+        balanced_loss=True,
+        augment=True,
+    )
     assert time.perf_counter() - start < 60
     assert trained is clf and trained.frozen and not trained.training
     assert metrics["epochs"] == 4

@@ -441,7 +441,9 @@ def random_export(tmp_path_factory):
     g, e, c = _random_nets()
     dataset = {"_target_": "stylex.data.SyntheticDataModule", "name": "synthetic", "resolution": 16,
                "batch_size": 8, "num_train": 16, "num_val": 24, "num_test": 8}
-    save_export(run / "export", g, G_KW, e, E_KW, c, ["healthy", "DR signs"], extra={"config": {"dataset": dataset}})
+    logger = {"wandb": {"_target_": "pytorch_lightning.loggers.WandbLogger", "project": "stylex", "offline": True}}
+    save_export(run / "export", g, G_KW, e, E_KW, c, ["healthy", "DR signs"],
+                extra={"config": {"dataset": dataset, "logger": logger}})
     return SimpleNamespace(root=root, run=run, dim=StyleSpace(g).dim)
 
 
@@ -492,6 +494,9 @@ def test_explain_cli_explains_given_images(random_export, tmp_path, capsys):
     assert [im["source"] for im in data["images"]] == [p for p in paths if p != "--image"]
     for im in data["images"]:
         assert len(im["top_attributes"]) == 2 and (out / im["panel"]).is_file()
+    # The run logged to W&B, so the explanation went there too (offline, inside the run folder).
+    runs = list((random_export.run / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
 
 
 @pytest.fixture(scope="module")
@@ -527,3 +532,4 @@ def test_explain_py_end_to_end_on_the_latest_run(trained_run):
     assert len(data["images"]) == 8 and all(im["source"].startswith("synthetic/val:") for im in data["images"])
     assert (html.parent / "flip_rate.png").is_file() and len(data["flip_rate"]["attfind"]) == 3
     assert html.read_text().count("data:image/gif;base64,") == 4
+    assert [im["index"] for im in data["images"] if "panel" in im] == [0, 1, 2, 3]

@@ -238,3 +238,20 @@ def test_atomic_checkpoint_write_keeps_the_previous_file_when_interrupted(tmp_pa
         io.save_checkpoint({"step": 2, "w": torch.zeros(1000), "x": Boom()}, path)
     assert torch.load(path, weights_only=False)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "a temporary file was left behind"
+
+
+def test_tensorboard_logger_receives_scalars_and_sample_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "synthetic" / "tb"
+    train(tiny_cfg(run_dir, "logger=tensorboard", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
+                   "classifier.train.max_epochs=1"))
+    events = list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    tags = {"scalars": set(), "images": set()}
+    for e in events:
+        acc = EventAccumulator(str(e), size_guidance={"images": 0}).Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    assert {"train/rec_l1", "train/kl_rec", "train/loss_d"} <= tags["scalars"]
+    assert "samples" in tags["images"]

@@ -65,7 +65,8 @@ class AttFindConfig:
         measure: ``"prob"`` (change of the class probability) or ``"logit"`` (change of the
             one-vs-rest logit of the class).
         batch_size: edited images rendered per forward pass; None = 64 on a CPU (larger
-            batches fall out of the caches and run slower per image there) and 512 on a GPU.
+            batches fall out of the caches and run slower per image there) and, on a GPU, 512
+            up to 64x64 and proportionally fewer above (32 at 256x256) to bound the memory.
         reuse_prefix: re-render only the layers from the edited one on (identical results,
             faster); False renders every edit from the start.
         prescreen: None = render every (coordinate, direction) pair for every image; an
@@ -219,7 +220,10 @@ class EffectEvaluator(nn.Module):
     def batch_size(self) -> int:
         if self._batch_size is not None:
             return self._batch_size
-        return 64 if self.device.type == "cpu" else 512
+        if self.device.type == "cpu":
+            return 64
+        r = int(getattr(self.generator, "resolution", 64))
+        return int(min(512, max(16, 512 * (64 / r) ** 2)))
 
     def classify(
         self,

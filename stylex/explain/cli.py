@@ -28,6 +28,7 @@ import torch
 log = logging.getLogger("stylex.explain")
 
 EXIT_USAGE = 2
+IMAGE_PANELS = 4  # images of a data set sample that get a panel of their own (every --image does)
 
 
 class UsageError(Exception):
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spread the images over this many devices with Lightning's predict loop (default: 1)")
     p.add_argument("--batch-size", type=int, default=None, help="renders per forward pass (default: by device)")
     p.add_argument("--seed", type=int, default=0, help="seed of generated samples (default: 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy machine)")
     p.add_argument("--no-wandb", action="store_true", help="do not log to W&B even when the run used it")
     p.add_argument("--quiet", action="store_true", help="print only the report path")
     return p
@@ -212,15 +215,18 @@ def log_to_wandb(lcfg: dict[str, Any], run_dir: Path, report: Any) -> None:
         run = wandb.init(project=lcfg.get("project") or "stylex", entity=lcfg.get("entity"),
                          dir=str(run_dir / "logs"), mode="offline" if offline else "online",
                          name=f"explain-{run_dir.name}", job_type="explain")
-        columns, rows = attribute_table(report)
-        payload: dict[str, Any] = {
-            "explain/attributes": wandb.Table(columns=columns, data=rows),
-            "explain/panels": [wandb.Image(str(p), caption=f"class {c} #{r}") for (c, r), p in sorted(report.panels.items())],
-        }
-        if report.plot is not None:
-            payload["explain/flip_rate"] = wandb.Image(str(report.plot))
-        run.log(payload)
-        run.finish(quiet=True)
+        try:
+            columns, rows = attribute_table(report)
+            payload: dict[str, Any] = {
+                "explain/attributes": wandb.Table(columns=columns, data=rows),
+                "explain/panels": [wandb.Image(str(p), caption=f"class {c} #{r}")
+                                   for (c, r), p in sorted(report.panels.items())],
+            }
+            if report.plot is not None:
+                payload["explain/flip_rate"] = wandb.Image(str(report.plot))
+            run.log(payload)
+        finally:
+            run.finish()
     except Exception as e:
         log.warning("could not log the explanation to W&B: %s", e)
 
@@ -299,6 +305,8 @@ def _main(args: argparse.Namespace) -> int:
         _positive(value, option)
     if args.batch_size is not None:
         _positive(args.batch_size, "--batch-size")
+    if args.threads is not None:
+        torch.set_num_threads(_positive(args.threads, "--threads"))
     if not args.shift_size > 0:
         raise UsageError(f"--shift-size must be > 0 (1 = move to the min/max), got {args.shift_size}")
     if args.flip_k < 0 or args.examples < 1:
@@ -328,8 +336,9 @@ def _main(args: argparse.Namespace) -> int:
 
     config = run_config(exp.meta, run_dir)
     resolution = exp.resolution
+    exp.to(device)
     finder = AttFind(exp.generator, exp.classifier, AttFindConfig(
-        shift_size=args.shift_size, measure=args.measure, batch_size=args.batch_size), device=device)
+        shift_size=args.shift_size, measure=args.measure, batch_size=args.batch_size))
 
     # ---- the images
     inputs, reference, info, panels = None, None, None, ()
@@ -351,9 +360,11 @@ def _main(args: argparse.Namespace) -> int:
         images, info = validation_images(config, args.num_images, resolution)
         inputs = images
         flat = finder.encode(exp.encoder, images)
+        panels = range(min(IMAGE_PANELS, flat.shape[0]))
     else:
         flat = finder.sample(args.num_images, seed=args.seed)
         info = [{"source": f"generated:{i}"} for i in range(flat.shape[0])]
+        panels = range(min(IMAGE_PANELS, flat.shape[0]))
 
     finder.config = AttFindConfig(shift_size=args.shift_size, measure=args.measure, batch_size=args.batch_size,
                                   prescreen=_prescreen(args, finder, flat.shape[0], say))

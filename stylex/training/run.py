@@ -182,12 +182,18 @@ def get_classifier(cfg: DictConfig, dm, run_dir: Path, loggers: list) -> tuple[t
         stage_kw["strategy"] = stage_kw["strategy"].replace("_find_unused_parameters_true", "")
     stage_kw["limit_val_batches"] = None  # the classifier's accuracy is measured on the whole val split
     log.info("training the classifier (%s) as its own stage", ccfg["arch"])
-    clf, metrics = train_classifier(
-        clf, dm, out_dir, stage_kw,
-        max_epochs=int(tcfg.get("max_epochs", 5)), lr=float(tcfg.get("lr", 1e-3)),
-        weight_decay=float(tcfg.get("weight_decay", 0.05)), balanced_loss=bool(tcfg.get("balanced_loss", False)),
-        augment=bool(tcfg.get("augment", True)), logger=loggers or False,
-    )
+    # The classifier stage may use its own batch size (classifier.train.batch_size).
+    gan_batch = dm.batch_size
+    dm.batch_size = int(tcfg.get("batch_size") or gan_batch)
+    try:
+        clf, metrics = train_classifier(
+            clf, dm, out_dir, stage_kw,
+            max_epochs=int(tcfg.get("max_epochs", 5)), lr=float(tcfg.get("lr", 1e-3)),
+            weight_decay=float(tcfg.get("weight_decay", 0.05)), balanced_loss=bool(tcfg.get("balanced_loss", False)),
+            augment=bool(tcfg.get("augment", True)), logger=loggers or False,
+        )
+    finally:
+        dm.batch_size = gan_batch
     return clf, {"source": str(saved), **metrics}
 
 
