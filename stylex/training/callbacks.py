@@ -172,4 +172,4 @@ class FinalCheckpoint(pl.Callback):
         self.path = Path(path)
 
     def on_train_end(self, trainer, pl_module):
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)

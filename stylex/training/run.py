@@ -298,7 +298,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
         **trainer_kwargs(cfg), logger=loggers or False, callbacks=build_callbacks(cfg, run_dir, extra),
         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
+    # Our own checkpoints hold hyper-parameters besides tensors, hence weights_only=False.
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None, weights_only=False)
     _finish_loggers(loggers)
     return run_dir
 
