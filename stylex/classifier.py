@@ -21,9 +21,7 @@ import difflib
 import json
 import logging
 import math
-import os
 import pickle
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +35,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchmetrics.classification import MulticlassAccuracy
+
+from stylex.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +69,8 @@ def _atomic_write(
     dest: Path,  # final path of the file
     write: Callable[[str], None],  # writes the whole file to the temporary path it is given
 ) -> None:
-    """Write a file so that readers see either the old version or the complete new one.
-
-    The temporary file lives in the destination folder so that ``os.replace`` is a rename within
-    one file system, which POSIX and Windows both perform atomically.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved models are meant to be shared
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Publish a file atomically (see :func:`stylex.utils.io.atomic_write`)."""
+    atomic_write(dest, lambda tmp: write(str(tmp)))
 
 
 def _suggest_archs(arch: str, limit: int = 12) -> list[str]:

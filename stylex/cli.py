@@ -20,12 +20,14 @@ def _overrides() -> list[str]:
 def run_training(cfg: DictConfig) -> None:
     """Train, then print the run folder as the last line (rank zero). Configuration and data
     errors end the program with their message and exit status 2, not a traceback."""
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
     from stylex.training.run import ConfigError, _is_rank_zero, train
 
     logging.getLogger("stylex").setLevel(logging.INFO)
     try:
         run_dir = train(cfg, _overrides())
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, MisconfigurationException) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if _is_rank_zero():

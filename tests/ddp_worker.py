@@ -24,6 +24,7 @@ class DumpParams(pl.Callback):
         flat = {name: torch.cat([p.detach().flatten() for p in getattr(pl_module, name).parameters()])
                 for name in ("G", "D", "E")}
         flat["g_steps"] = pl_module.g_steps.clone()
+        flat["run_dir"] = str(trainer.default_root_dir)
         torch.save(flat, self.out / f"rank{trainer.global_rank}_{tag}.pt")
 
     def on_train_start(self, trainer, pl_module):
@@ -36,7 +37,9 @@ class DumpParams(pl.Callback):
 def main(out: Path, steps: int) -> None:
     original = run_mod.build_callbacks
     run_mod.build_callbacks = lambda *a, **k: original(*a, **k) + [DumpParams(out)]
-    cfg = tiny_cfg(out / "run", f"trainer.max_steps={steps}", "trainer.devices=2", "trainer.strategy=ddp",
+    # No run_dir: rank zero picks a timestamped folder under runs_root and the other rank must
+    # find the same one.
+    cfg = tiny_cfg(out / "runs" / "unused", "run_dir=null", f"trainer.max_steps={steps}", "trainer.devices=2", "trainer.strategy=ddp",
                    "classifier.train.max_epochs=1", "trainer.enable_progress_bar=false")
     run_mod.train(cfg)
 

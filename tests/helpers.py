@@ -29,6 +29,7 @@ TINY = [
     "trainer.limit_val_batches=2",
     "trainer.enable_model_summary=false",
     "trainer.accelerator=cpu",
+    "callbacks.explain.enabled=false",
 ]
 
 

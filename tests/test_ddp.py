@@ -24,5 +24,8 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
         assert torch.equal(end[0][name], end[1][name]), f"{name} differs across ranks after training"
         assert not torch.equal(start[0][name], end[0][name]), f"{name} did not train"
     assert int(end[0]["g_steps"]) == int(end[1]["g_steps"]) == 4
-    # Both ranks wrote into one run folder chosen by rank zero.
-    assert (tmp_path / "run" / "export" / "stylex.json").is_file()
+    # Both ranks worked in the one run folder that rank zero chose.
+    assert end[0]["run_dir"] == end[1]["run_dir"]
+    runs = list((tmp_path / "runs" / "synthetic").iterdir())
+    assert len(runs) == 1 and str(runs[0]) == end[0]["run_dir"]
+    assert (runs[0] / "export" / "stylex.json").is_file()

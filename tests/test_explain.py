@@ -163,9 +163,10 @@ def test_prefix_reuse_and_batching_give_the_naive_effects():
                     edited = space.edit(images[n : n + 1], [i], [float(targets[n, i, d])])
                     naive[n, i, d] = clf(space.render(edited)).log_softmax(-1)[0]
 
-    for cfg in (AttFindConfig(shift_size=0.7, batch_size=7),  # chunks merge layers and split them
+    # Batches of 7 mix both images' edits, merge small layers and split large ones.
+    for cfg in (AttFindConfig(shift_size=0.7, batch_size=7),
                 AttFindConfig(shift_size=0.7, batch_size=64, reuse_prefix=False)):
-        r = AttFind(g, clf, cfg).run(images, top_k=2, reference=flat)
+        r = AttFind(g, clf, cfg).run(images, top_k=2, reference=flat, images_per_step=2)
         torch.testing.assert_close(r.logp_base, base, atol=1e-5, rtol=0)
         torch.testing.assert_close(r.logp, naive, atol=1e-5, rtol=0)
 
@@ -411,8 +412,11 @@ def test_callback_explains_after_fit_and_logs(tmp_path):
     wandb = WandbLogger()
     trainer = SimpleNamespace(datamodule=SimpleNamespace(val_dataset=dataset), loggers=[wandb], global_step=7,
                               current_epoch=0)
-    cb = ExplainCallback(tmp_path / "explain", top_k=2, num_images=10, prescreen=8, flip_k=2, examples=2)
+    cb = ExplainCallback(tmp_path / "explain", top_k=2, num_images=10, prescreen=8, flip_k=2, examples=2,
+                         threads=1)
+    threads = torch.get_num_threads()
     cb.on_train_end(trainer, module)
+    assert torch.get_num_threads() == threads, "the thread count must be restored"
     rep = cb.last_report
     assert rep is not None and rep.html.is_file()
     data = json.loads(rep.json.read_text())

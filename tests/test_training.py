@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -120,8 +122,11 @@ def test_bf16_mixed_step_keeps_r1_in_float32(tmp_path, monkeypatch):
         return original(x, logits)
 
     monkeypatch.setattr(losses, "r1_penalty", spy)
+    d_outputs = []
+    module.D.register_forward_hook(lambda m, i, o: d_outputs.append(o.dtype))
     _fit_steps(module, dm, 2, tmp_path, precision="bf16-mixed")
     assert seen and all(d == (torch.float32, torch.float32, False) for d in seen)
+    assert torch.bfloat16 in d_outputs, "the ordinary discriminator passes did not run in bf16"
     assert all(torch.isfinite(p).all() for p in module.G.parameters())
 
 
@@ -130,7 +135,8 @@ def test_bf16_mixed_step_keeps_r1_in_float32(tmp_path, monkeypatch):
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "synthetic" / "tiny"
     cfg = tiny_cfg(run_dir, "trainer.max_steps=80", "callbacks.samples.every_n_steps=40",
-                   "trainer.log_every_n_steps=1")
+                   "trainer.log_every_n_steps=1", "callbacks.explain.enabled=true",
+                   "callbacks.explain.num_images=8", "callbacks.explain.top_k=2")
     return train(cfg)
 
 
@@ -156,7 +162,8 @@ def test_short_run_reduces_reconstruction_and_classifier_kl(tiny_run):
 
 def test_run_folder_holds_everything_later_commands_need(tiny_run):
     for rel in ("config.yaml", "classifier/classifier.safetensors", "checkpoints/last.ckpt",
-                "export/model.safetensors", "export/stylex.json", "summary.json"):
+                "export/model.safetensors", "export/stylex.json", "summary.json",
+                "explain/report.html", "explain/explanation.json"):
         assert (tiny_run / rel).is_file(), rel
     assert sorted(p.name for p in (tiny_run / "samples").glob("*.png"))[-1] == "step_000080.png"
 
@@ -166,9 +173,10 @@ def test_export_reproduces_the_trained_ema_generator(tiny_run):
 
     exp = load_export(tiny_run)
     ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    g_state = {k[len("G_ema."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("G_ema.")}
-    for k, v in exp.generator.state_dict().items():
-        assert torch.equal(v, g_state[k]), k
+    for prefix, net in (("G_ema.", exp.generator), ("E.", exp.encoder), ("C.classifier.", exp.classifier)):
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, state[k]), prefix + k
     z = torch.randn(2, exp.generator.z_dim)
     c = torch.softmax(torch.randn(2, len(exp.class_names)), 1)
     x = exp.generator(z, c, noise_mode="const")
@@ -182,6 +190,10 @@ def test_resume_restores_weights_optimisers_and_counters(tiny_run, tmp_path):
 
     run = tmp_path / "synthetic" / "copy"
     shutil.copytree(tiny_run, run)
+    # A run saved before an option existed still resumes: the option takes its default.
+    saved_cfg = OmegaConf.load(run / "config.yaml")
+    del saved_cfg.callbacks["explain"]
+    OmegaConf.save(saved_cfg, run / "config.yaml")
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
     captured = {}
@@ -201,6 +213,7 @@ def test_resume_restores_weights_optimisers_and_counters(tiny_run, tmp_path):
     finally:
         run_mod.build_callbacks = original
     assert out == run
+    assert len(captured["optim"]) == len(saved["optimizer_states"]) == 3
     for k, v in saved["state_dict"].items():
         assert torch.equal(captured["state"][k], v), f"{k} not restored"
     for got, want in zip(captured["optim"], saved["optimizer_states"]):
@@ -214,6 +227,23 @@ def test_resume_refuses_to_switch_config_groups(tiny_run):
     cfg = tiny_cfg(tiny_run.parent / "other", f"resume={tiny_run}")
     with pytest.raises(ConfigError, match="keeps its config groups"):
         train(cfg, overrides=["dataset=retina"])
+    with pytest.raises(ConfigError, match="keeps its model, data and classifier"):
+        train(cfg, overrides=["model.batch_size=32"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.batch_mode=sometimes", "loss.batch_mode must be"),
+    ("loss.perceptual_backend=vgg", "loss.perceptual_backend='vgg' is not one of"),
+    ("model.batch_size=6", "must be a multiple of 4"),
+    ("trainer.precision=16-mixed", "use trainer.precision=bf16-mixed"),
+    ("+trainer.max_step=3", "trainer.max_step is not a pytorch_lightning.Trainer argument"),
+    ("classifier.arch=resnt18", "classifier: "),
+])
+def test_bad_options_are_refused_before_any_training(tmp_path, override, message):
+    run_dir = tmp_path / "synthetic" / "bad"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(tiny_cfg(run_dir, override))
+    assert not (run_dir / "classifier").exists(), "work was done before the option was checked"
 
 
 def test_resume_of_a_folder_without_checkpoint_is_a_clear_error(tmp_path):

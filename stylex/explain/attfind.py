@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -171,19 +171,6 @@ def shift_targets(
     return flat[:, :, None] + shift_size * (extremes[None] - flat[:, :, None])
 
 
-def edit_rows(
-    flat: torch.Tensor,  # [B, S] or [1, S] (broadcast) styles
-    coords: torch.Tensor,  # [B] int64: the coordinate edited in each row
-    values: torch.Tensor,  # [B]: its new value
-) -> torch.Tensor:  # [B, S]: row b equals flat with coordinate coords[b] set to values[b]
-    """One single-coordinate edit per row (a different coordinate in every row)."""
-    b = coords.shape[0]
-    assert values.shape == (b,), f"values must be [{b}], got {tuple(values.shape)}"
-    out = flat.expand(b, flat.shape[1]).clone()
-    out.scatter_(1, coords.view(b, 1), values.view(b, 1).to(out.dtype))
-    return out
-
-
 # ============================================================================ the evaluator
 class EffectEvaluator(nn.Module):
     """Renders styles (edited or not) and classifies the renders.
@@ -275,26 +262,43 @@ class EffectEvaluator(nn.Module):
 
     def edit_log_probs(
         self,
-        flat: torch.Tensor,  # [S] or [1, S] styles of ONE image
-        coords: torch.Tensor,  # [M] int64 coordinates (any order, repeats allowed)
-        values: torch.Tensor,  # [M] new values
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # log p of the unedited render [K], of each edit [M, K]
-        """Classify one image under M single-coordinate edits."""
-        flat = flat.reshape(1, -1)
-        assert flat.shape[1] == self.space.dim, f"styles must have {self.space.dim} coordinates, got {flat.shape[1]}"
-        assert coords.ndim == 1 and values.shape == coords.shape, (
-            f"coords and values must both be [M], got {tuple(coords.shape)} and {tuple(values.shape)}"
+        flat: torch.Tensor,  # [B, S] styles of B images
+        image: torch.Tensor,  # [M] int64: which image each edit belongs to
+        coords: torch.Tensor,  # [M] int64: the coordinate it changes (any order, repeats allowed)
+        values: torch.Tensor,  # [M]: the coordinate's new value
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # log p of the unedited renders [B, K], of each edit [M, K]
+        """Classify B images under M single-coordinate edits.
+
+        The edits of all images are sorted by layer and rendered ``batch_size`` at a time, each
+        batch resuming from the state the unedited images had when entering the earliest
+        edited layer, so edits of different images share forward passes (small per-image edit
+        lists, as under pre-screening, still make full batches).
+        """
+        assert flat.ndim == 2 and flat.shape[1] == self.space.dim, (
+            f"styles must be [B, {self.space.dim}], got {tuple(flat.shape)}"
+        )
+        m = coords.shape[0]
+        assert coords.ndim == 1 and image.shape == values.shape == coords.shape, (
+            f"image, coords and values must all be [M], got {tuple(image.shape)}, {tuple(coords.shape)}, "
+            f"{tuple(values.shape)}"
         )
         cache: dict | None = {} if self.reuse_prefix else None
-        base = self.classify(self.space.render(flat, noise_mode=self.noise_mode, cache=cache))[0]
-        order = torch.argsort(coords)
-        sorted_coords, sorted_values = coords[order], values[order]
-        out = torch.empty(coords.shape[0], base.shape[0], device=base.device)
+        base = self.log_probs(flat) if cache is None else self.classify(
+            self.space.render(flat, noise_mode=self.noise_mode, cache=cache))
+        order = torch.argsort(coords, stable=True)
+        sorted_coords, sorted_values, sorted_image = coords[order], values[order], image[order]
+        out = torch.empty(m, base.shape[1], device=base.device)
         for a, b in self._chunks(sorted_coords):
-            c = sorted_coords[a:b]
-            edited = edit_rows(flat, c, sorted_values[a:b])
-            start = self.space.layer_of(int(c[0])) if self.reuse_prefix else None
-            img = self.space.render(edited, noise_mode=self.noise_mode, from_layer=start, cache=cache)
+            rows = sorted_image[a:b]
+            edited = flat[rows].scatter(1, sorted_coords[a:b, None], sorted_values[a:b, None].to(flat.dtype))
+            if cache is None:
+                img = self.space.render(edited, noise_mode=self.noise_mode)
+            else:
+                start = self.space.layer_of(int(sorted_coords[a]))
+                x, prev = cache[start]
+                # The state entering `start` of the image each row edits (the prefix is unedited).
+                state = {start: type(cache[start])(x[rows], None if prev is None else prev[rows])}
+                img = self.space.render(edited, noise_mode=self.noise_mode, from_layer=start, cache=state)
             out[order[a:b]] = self.classify(img)
         return base, out
 
@@ -380,16 +384,15 @@ class AttFindPredictor(pl.LightningModule):
             logp, jac = self.evaluator.probability_jacobian(flat)
             return {"index": batch["index"].cpu(), "logp_base": logp.cpu(), "jacobian": jac.cpu()}
         targets = shift_targets(flat, self.low, self.high, self.shift_size)  # [B, S, 2]
+        pairs = [p.to(flat.device) for p in batch["pairs"]]
+        image = torch.cat([torch.full_like(p, n) for n, p in enumerate(pairs)])
+        ids = torch.cat(pairs)
+        coords, dirs = ids // 2, ids % 2
         with torch.no_grad():
-            bases, edits = [], []
-            for n in range(flat.shape[0]):
-                ids = batch["pairs"][n].to(flat.device)
-                coords, dirs = ids // 2, ids % 2
-                base, logp = self.evaluator.edit_log_probs(flat[n], coords, targets[n, coords, dirs])
-                bases.append(base.cpu())
-                edits.append(logp.cpu())
-        return {"index": batch["index"].cpu(), "logp_base": torch.stack(bases), "logp": edits,
-                "pairs": [p.cpu() for p in batch["pairs"]]}
+            base, logp = self.evaluator.edit_log_probs(flat, image, coords, targets[image, coords, dirs])
+        sizes = [p.numel() for p in pairs]
+        return {"index": batch["index"].cpu(), "logp_base": base.cpu(), "logp": list(logp.cpu().split(sizes)),
+                "pairs": [p.cpu() for p in pairs]}
 
 
 class _FileGather(BasePredictionWriter):
@@ -711,7 +714,7 @@ class AttFind:
         classes: Iterable[int] | None = None,  # None = every class
         reference: torch.Tensor | None = None,  # [M, S] styles whose min/max set the targets; None = flat
         trainer_kwargs: dict[str, Any] | None = None,  # Lightning Trainer args for multi-device predict
-        images_per_step: int = 4,  # images per predict step
+        images_per_step: int | None = None,  # images per predict step; None = enough for a few full batches
         progress: Callable[[str], None] | None = None,
     ) -> AttFindResult:
         cfg = self.config
@@ -742,7 +745,8 @@ class AttFind:
             say(f"pre-screening {n} images with one gradient each")
             t = time.perf_counter()
             predictor.phase = "screen"
-            outs = _run_predict(predictor, _ImageSet(flat, None), images_per_step, trainer_kwargs)
+            step = images_per_step or max(1, self.evaluator.batch_size // 8)
+            outs = _run_predict(predictor, _ImageSet(flat, None), step, trainer_kwargs)
             logp0, jac = _merge_screen(outs, n)
             timings["prescreen"] = time.perf_counter() - t
             estimate = jac.permute(0, 2, 1)[:, :, None, :] * (targets - flat[:, :, None])[..., None]  # [N,S,2,K]
@@ -752,7 +756,9 @@ class AttFind:
         say(f"rendering {sum(len(p) for p in pair_lists)} edits of {n} images")
         t = time.perf_counter()
         predictor.phase = "effects"
-        outs = _run_predict(predictor, _ImageSet(flat, pair_lists), images_per_step, trainer_kwargs)
+        edits = sum(len(p) for p in pair_lists) / n
+        step = images_per_step or max(1, min(n, math.ceil(4 * self.evaluator.batch_size / max(1.0, edits))))
+        outs = _run_predict(predictor, _ImageSet(flat, pair_lists), step, trainer_kwargs)
         logp_base, logp = _merge_effects(outs, n, s)
         timings["effects"] = time.perf_counter() - t
         result = self.rank(flat, targets, logp_base, logp, top_k, classes, estimate)
@@ -919,8 +925,3 @@ def agreement(
 
     return {"k": k, "class_overlap": mean(overlap), "class_top1": mean(top1),
             "image_overlap": mean(img_overlap), "image_top1": mean(img_top1)}
-
-
-def with_config(config: AttFindConfig, **changes: Any) -> AttFindConfig:
-    """A copy of ``config`` with some fields changed (validated again)."""
-    return replace(config, **changes)

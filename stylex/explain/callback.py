@@ -54,6 +54,9 @@ class ExplainCallback(pl.Callback):
             a CPU; see :class:`~stylex.explain.attfind.AttFindConfig`).
         flip_k: flip-rate curve for k = 1..flip_k (0 = none).
         examples: example pairs per attribute in the panels.
+        threads: CPU threads for torch while explaining (None = unchanged). On a CPU shared
+            with other busy processes, 1 can be many times faster than the default: every small
+            operation otherwise waits for a descheduled second thread.
         enabled: False turns the callback into a no-op (a config switch).
     """
 
@@ -67,6 +70,7 @@ class ExplainCallback(pl.Callback):
         prescreen: int | None = 16,
         flip_k: int = 6,
         examples: int = 4,
+        threads: int | None = None,
         enabled: bool = True,
     ) -> None:
         if int(top_k) < 1 or int(num_images) < 1:
@@ -78,6 +82,7 @@ class ExplainCallback(pl.Callback):
         self.config = AttFindConfig(shift_size=float(shift_size), prescreen=prescreen)
         self.flip_k = int(flip_k)
         self.examples = int(examples)
+        self.threads = None if threads is None else int(threads)
         self.enabled = bool(enabled)
         self.last_report: Report | None = None
 
@@ -121,6 +126,9 @@ class ExplainCallback(pl.Callback):
         encoder = pl_module.E
         was_training = encoder.training
         encoder.eval()  # the networks are shared with training: restore their mode afterwards
+        threads = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         try:
             with torch.autocast(device_type=pl_module.device.type, enabled=False):
                 finder = AttFind(pl_module.G_ema, pl_module.classifier, self.config)
@@ -137,6 +145,7 @@ class ExplainCallback(pl.Callback):
                 )
         finally:
             encoder.train(was_training)
+            torch.set_num_threads(threads)
         log.info("explanation took %.1f s", time.perf_counter() - t0)
         return report
 

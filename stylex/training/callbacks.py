@@ -118,17 +118,22 @@ class Exporter(pl.Callback):
 
 
 class Throughput(pl.Callback):
-    """Measures training images per second (after a warm-up) and reports it in the summary."""
+    """Measures training images per second (after a warm-up of this fit, so resumed runs are
+    measured too) and reports it in the summary."""
 
     def __init__(self, warmup_steps: int = 5):
         self.warmup = warmup_steps
         self._t0: float | None = None
         self._n0 = 0
+        self._batches = 0
         self.images_per_second: float | None = None
 
+    def on_train_start(self, trainer, pl_module):
+        self._batches, self._t0 = 0, None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = int(pl_module.g_steps)
-        if step == self.warmup:
+        self._batches += 1
+        if self._batches == self.warmup:
             self._t0, self._n0 = time.perf_counter(), int(pl_module.images_seen)
         elif self._t0 is not None:
             dt = time.perf_counter() - self._t0

@@ -22,14 +22,12 @@ so it cannot tell generator steps from discriminator steps).
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from stylex.networks import Discriminator, Encoder, Generator
 from stylex.training import losses
@@ -65,6 +63,23 @@ class NonFiniteGradientError(FloatingPointError):
     pass
 
 
+def check_loss_config(loss: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The loss options with defaults filled in; ValueError naming the option when one is wrong."""
+    cfg = {**DEFAULT_LOSS, **dict(loss or {})}
+    unknown = set(cfg) - set(DEFAULT_LOSS)
+    if unknown:
+        raise ValueError(f"unknown loss option(s) {sorted(unknown)}; known: {sorted(DEFAULT_LOSS)}")
+    for key, default in DEFAULT_LOSS.items():
+        if isinstance(default, (int, float)) and not isinstance(cfg[key], (int, float)):
+            raise ValueError(f"loss.{key} must be a number, got {cfg[key]!r}")
+    if cfg["batch_mode"] not in ("both", "alternate"):
+        raise ValueError(f"loss.batch_mode must be 'both' or 'alternate', got {cfg['batch_mode']!r}")
+    if cfg["d_fakes"] not in ("both", "encoder", "noise"):
+        raise ValueError(f"loss.d_fakes must be 'both', 'encoder' or 'noise', got {cfg['d_fakes']!r}")
+    resolve_backend(cfg["perceptual_backend"])
+    return cfg
+
+
 class StylexModule(pl.LightningModule):
     """StylEx training. ``classifier`` must be a frozen classifier taking [-1, 1] images."""
 
@@ -84,17 +99,7 @@ class StylexModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["classifier"])
         self.automatic_optimization = False
-        self.loss_cfg = {**DEFAULT_LOSS, **dict(loss or {})}
-        unknown = set(self.loss_cfg) - set(DEFAULT_LOSS)
-        if unknown:
-            raise ValueError(f"unknown loss option(s) {sorted(unknown)}; known: {sorted(DEFAULT_LOSS)}")
-        if self.loss_cfg["batch_mode"] not in ("both", "alternate"):
-            raise ValueError(f"loss.batch_mode must be 'both' or 'alternate', got {self.loss_cfg['batch_mode']!r}")
-        if self.loss_cfg["d_fakes"] not in ("both", "encoder", "noise"):
-            raise ValueError(f"loss.d_fakes must be 'both', 'encoder' or 'noise', got {self.loss_cfg['d_fakes']!r}")
-        for key, default in DEFAULT_LOSS.items():
-            if isinstance(default, (int, float)) and not isinstance(self.loss_cfg[key], (int, float)):
-                raise ValueError(f"loss.{key} must be a number, got {self.loss_cfg[key]!r}")
+        self.loss_cfg = check_loss_config(loss)
         self.optim_cfg = {**DEFAULT_OPTIM, **dict(optim or {})}
 
         self.G = Generator(**generator)
@@ -180,20 +185,14 @@ class StylexModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
+        # Lazy regularisation here adds its (interval-scaled) penalty to the main loss of that
+        # step rather than taking an extra optimiser step, so the optimisers need no lr/beta
+        # correction for extra steps.
         o = self.optim_cfg
         betas = tuple(o["betas"])
-        r1 = self.loss_cfg["r1_interval"]
-        pl_int = self.loss_cfg["pl_interval"] if self.loss_cfg["pl_weight"] > 0 else 0
-
-        def adam(params, lr, interval):
-            # Lazy regularisation runs every `interval` steps with a larger weight; the optimiser
-            # compensates as in StyleGAN2: lr and betas follow the ratio of steps with gradient.
-            ratio = interval / (interval + 1) if interval else 1.0
-            return torch.optim.Adam(params, lr=lr * ratio, betas=(betas[0] ** ratio, betas[1] ** ratio), eps=o["eps"])
-
-        opt_g = adam(self.G.parameters(), o["lr_g"], pl_int)
-        opt_d = adam(self.D.parameters(), o["lr_d"], r1)
-        opt_e = adam(self.E.parameters(), o["lr_e"], 0)
+        opt_g = torch.optim.Adam(self.G.parameters(), lr=o["lr_g"], betas=betas, eps=o["eps"])
+        opt_d = torch.optim.Adam(self.D.parameters(), lr=o["lr_d"], betas=betas, eps=o["eps"])
+        opt_e = torch.optim.Adam(self.E.parameters(), lr=o["lr_e"], betas=betas, eps=o["eps"])
         return [opt_g, opt_d, opt_e]
 
     def setup(self, stage: str) -> None:
@@ -289,7 +288,8 @@ class StylexModule(pl.LightningModule):
             with self._float32():
                 pl_b = max(1, b // 2)
                 z = torch.randn(pl_b, self.G.z_dim, device=self.device)
-                w_pl = self.G.mapping(z).detach().requires_grad_(True)
+                # Not detached: as in StyleGAN2 the penalty also shapes the mapping network.
+                w_pl = self.G.mapping(z, update_w_avg=False)
                 img = self.G.generate(w_pl, c_noise[:pl_b])
                 pl_pen = losses.path_length_penalty(img, w_pl, self.pl_mean, cfg["pl_decay"])
             loss_g = loss_g + pl_pen * (cfg["pl_weight"] * pl_every)

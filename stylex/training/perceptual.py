@@ -109,9 +109,9 @@ class LPIPSDistance(nn.Module):
         super().__init__()
         if not lpips_available(net):
             raise RuntimeError(
-                f"loss.perceptual=lpips needs the 'lpips' package and torchvision's '{net}' weights in "
+                f"loss.perceptual_backend=lpips needs the 'lpips' package and torchvision's '{net}' weights in "
                 f"{Path(torch.hub.get_dir()) / 'checkpoints'} (nothing is downloaded during training). "
-                "Install them, or use loss.perceptual=classifier."
+                "Install them, or use loss.perceptual_backend=classifier."
             )
         import lpips
 
@@ -126,7 +126,7 @@ class LPIPSDistance(nn.Module):
 
 def resolve_backend(name: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"loss.perceptual={name!r} is not one of {', '.join(BACKENDS)}")
+        raise ValueError(f"loss.perceptual_backend={name!r} is not one of {', '.join(BACKENDS)}")
     if name == "auto":
         return "lpips" if lpips_available() else "classifier"
     return name

@@ -15,6 +15,7 @@ Everything lands in one run folder::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -27,6 +28,8 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+
+from lightning_fabric.utilities.rank_zero import _get_rank
 
 from stylex import ops
 from stylex.utils.io import atomic_write_text
@@ -48,7 +51,8 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------- run folder
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    """Global rank zero, from the launchers' environment (torchrun, SLURM, Lightning's own)."""
+    return _get_rank() in (None, 0)
 
 
 def find_latest_run(runs_root: str | Path) -> Path:
@@ -98,6 +102,10 @@ def apply_resume(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig,
     if not saved_file.is_file():
         raise ConfigError(f"resume={cfg.resume}: {saved_file} is missing, so the run's settings are unknown")
     saved = OmegaConf.load(saved_file)
+    # Options added to these groups since the run was made take their current defaults.
+    for section in ("trainer", "callbacks", "loss", "logger"):
+        if section in cfg:
+            saved[section] = OmegaConf.merge(cfg[section], saved.get(section) or {})
     for item in overrides:
         key, _, value = item.lstrip("+~").partition("=")
         if key in ("resume", "run_dir") or key.startswith("hydra"):
@@ -107,9 +115,48 @@ def apply_resume(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig,
                 f"'{item}': a resumed run keeps its config groups; override single values instead "
                 f"(e.g. trainer.max_steps=2000), or start a new run without resume="
             )
+        if key.split(".")[0] in ("model", "dataset", "classifier"):
+            raise ConfigError(
+                f"'{item}': a resumed run keeps its model, data and classifier (the checkpoint was trained "
+                "with them); resume with trainer., loss., callbacks. or logger. overrides, or start a new run"
+            )
         OmegaConf.update(saved, key, yaml.safe_load(value) if value else None, force_add=True)
     saved.resume = str(cfg.resume)
     return saved, run_dir, ckpt
+
+
+# ---------------------------------------------------------------------------------------- checks
+def validate(cfg: DictConfig) -> None:
+    """Catch configuration mistakes before any work is done (and before a classifier stage is
+    trained only to find the GAN stage cannot start). Resolves ``loss.perceptual_backend=auto``
+    so a resumed run uses the backend it was trained with."""
+    from stylex.training.module import check_loss_config
+    from stylex.training.perceptual import resolve_backend
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as e:  # omegaconf's MissingMandatoryValue / InterpolationResolutionError
+        raise ConfigError(f"{e}".splitlines()[0] + " — set it on the command line, e.g. dataset.root=<folder>") from e
+    accepted = set(inspect.signature(pl.Trainer).parameters)
+    unknown = sorted(set(cfg.trainer) - accepted)
+    if unknown:
+        raise ConfigError(f"trainer.{unknown[0]} is not a pytorch_lightning.Trainer argument")
+    if str(cfg.trainer.get("precision")) in ("16", "16-mixed", "16-true"):
+        raise ConfigError(
+            "trainer.precision=16-mixed is not supported (three optimisers and lazy regularisation do not "
+            "fit one gradient scaler); use trainer.precision=bf16-mixed or 32-true"
+        )
+    if int(cfg.trainer.get("num_nodes") or 1) > 1 and not cfg.get("run_dir") and not cfg.get("resume"):
+        raise ConfigError("trainer.num_nodes > 1 needs run_dir=<a folder every node can reach>")
+    batch = int(cfg.model.batch_size)
+    if batch < 1 or batch % min(4, batch):
+        raise ConfigError(f"model.batch_size={batch} must be a multiple of 4 (the discriminator's minibatch-std groups)")
+    try:
+        loss = check_loss_config(OmegaConf.to_container(cfg.loss, resolve=True))
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from e
+    if loss["perceptual"] > 0:
+        cfg.loss.perceptual_backend = resolve_backend(loss["perceptual_backend"])
 
 
 # ---------------------------------------------------------------------------------------- builders
@@ -159,13 +206,13 @@ def _check_wandb(lcfg: dict) -> None:
 def get_classifier(cfg: DictConfig, dm, run_dir: Path, loggers: list) -> tuple[torch.nn.Module, dict]:
     """The frozen classifier: from ``classifier.checkpoint``, from this run's earlier classifier
     stage (when resuming), or trained now as a short stage of its own."""
-    from stylex.classifier import Classifier, build_classifier, train_classifier
+    from stylex.classifier import Classifier, train_classifier
 
     ccfg = OmegaConf.to_container(cfg.classifier, resolve=True)
     out_dir = run_dir / "classifier"
     saved = out_dir / "classifier.safetensors"
     if ccfg.get("checkpoint"):
-        clf = build_classifier(ccfg, dm.num_classes)
+        clf = _build_classifier(ccfg, dm.num_classes)
         return clf.freeze(), {"source": str(ccfg["checkpoint"])}
     if saved.is_file():
         log.info("using the classifier trained earlier in this run: %s", saved)
@@ -173,14 +220,11 @@ def get_classifier(cfg: DictConfig, dm, run_dir: Path, loggers: list) -> tuple[t
         metrics_file = out_dir / "classifier_metrics.json"
         metrics = yaml.safe_load(metrics_file.read_text()) if metrics_file.is_file() else {}
         return clf.freeze(), {"source": str(saved), **metrics}
-    clf = build_classifier(ccfg, dm.num_classes)
+    clf = _build_classifier(ccfg, dm.num_classes)
     tcfg = dict(ccfg.get("train") or {})
-    kw = trainer_kwargs(cfg)
-    stage_kw = {k: kw[k] for k in ("accelerator", "devices", "strategy", "num_nodes", "precision",
-                                   "enable_progress_bar", "limit_val_batches") if k in kw}
-    if isinstance(stage_kw.get("strategy"), str):
+    stage_kw = trainer_kwargs(cfg)  # train_classifier keeps the options that apply to it
+    if isinstance(stage_kw.get("strategy"), str):  # every classifier parameter gets a gradient
         stage_kw["strategy"] = stage_kw["strategy"].replace("_find_unused_parameters_true", "")
-    stage_kw["limit_val_batches"] = None  # the classifier's accuracy is measured on the whole val split
     log.info("training the classifier (%s) as its own stage", ccfg["arch"])
     # The classifier stage may use its own batch size (classifier.train.batch_size).
     gan_batch = dm.batch_size
@@ -195,6 +239,15 @@ def get_classifier(cfg: DictConfig, dm, run_dir: Path, loggers: list) -> tuple[t
     finally:
         dm.batch_size = gan_batch
     return clf, {"source": str(saved), **metrics}
+
+
+def _build_classifier(ccfg: dict, num_classes: int):
+    from stylex.classifier import build_classifier
+
+    try:
+        return build_classifier(ccfg, num_classes)
+    except (ValueError, FileNotFoundError) as e:  # unknown arch, wrong checkpoint, class count
+        raise ConfigError(f"classifier: {e}") from e
 
 
 def network_kwargs(cfg: DictConfig, num_classes: int) -> tuple[dict, dict, dict]:
@@ -221,6 +274,7 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], clas
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, extra: dict) -> list[pl.Callback]:
+    from stylex.explain.callback import ExplainCallback
     from stylex.training.callbacks import Exporter, FinalCheckpoint, SampleGrid, Summary, Throughput
 
     cb = cfg.callbacks
@@ -239,6 +293,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, extra: dict) -> list[pl.Call
         throughput,
         Summary(run_dir / "summary.json", extra=extra, throughput=throughput),
         FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
+        # Last: the export and the final checkpoint are on disk before the explanation starts.
+        ExplainCallback(run_dir / "explain", **OmegaConf.to_container(cb.explain, resolve=True)),
     ]
 
 
@@ -263,6 +319,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
 
 
 def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
+    validate(cfg)
     ops.set_default_impl(str(cfg.get("ops_impl", "auto")))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
