@@ -113,7 +113,13 @@ def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> E
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the export in {folder} is incomplete")
-    tensors = load_file(str(weights), device=str(map_location))
+    missing = [k for k in ("generator", "encoder", "classifier", "class_names") if k not in meta]
+    if missing:
+        raise ValueError(f"{folder / META_FILE} lacks {missing}; the export is damaged — export the run again")
+    try:
+        tensors = load_file(str(weights), device=str(map_location))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise ValueError(f"{weights} cannot be read ({e}); the export is damaged — export the run again") from e
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         n = len(prefix) + 1

@@ -285,3 +285,19 @@ def test_tensorboard_logger_receives_scalars_and_sample_grids(tmp_path):
             tags[kind] |= set(acc.Tags()[kind])
     assert {"train/rec_l1", "train/kl_rec", "train/loss_d"} <= tags["scalars"]
     assert "samples" in tags["images"]
+
+
+def test_damaged_export_gives_a_clear_error(tiny_run, tmp_path):
+    import shutil
+
+    from stylex.export import load_export
+
+    exp = tmp_path / "export"
+    shutil.copytree(tiny_run / "export", exp)
+    data = (exp / "model.safetensors").read_bytes()
+    (exp / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors cannot be read"):
+        load_export(exp)
+    (exp / "stylex.json").write_text('{"format": "stylex-export", "version": 1}')
+    with pytest.raises(ValueError, match="lacks"):
+        load_export(exp)

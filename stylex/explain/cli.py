@@ -327,8 +327,16 @@ def _main(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {device}: not a device name (cpu, cuda, cuda:1, ...)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: only cpu and cuda devices are supported")
     trainer_kwargs = None
     if args.devices > 1:
         accelerator = "gpu" if device.startswith("cuda") else "cpu"

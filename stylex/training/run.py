@@ -1,6 +1,7 @@
 """``train(cfg)``: one StylEx run from a composed config, start to finish.
 
-Stages: data → classifier (loaded, or trained as its own short stage) → StylEx fit → export.
+Stages: data → classifier (loaded, or trained as its own short stage) → StylEx fit → export →
+explanation.
 Everything lands in one run folder::
 
     <runs_root>/<dataset>/<timestamp>/
@@ -10,6 +11,7 @@ Everything lands in one run folder::
         samples/             image grids: real | reconstruction | samples per class
         logs/                W&B (offline by default), CSV or TensorBoard
         export/              model.safetensors + stylex.json, loaded by explain.py
+        explain/             AttFind report (report.html, explanation.json, panels, GIFs)
         summary.json         final figures
 """
 
@@ -19,6 +21,7 @@ import inspect
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -318,7 +321,18 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
             os.environ.pop(RUN_DIR_ENV, None)
 
 
+# Lightning warnings that do not apply to a StylEx run: checkpoints after the step are what a
+# resume needs; the frozen classifier and the EMA generator are in eval mode on purpose.
+_QUIET = (
+    r"Using ModelCheckpoint with manual optimization",
+    r"Found \d+ module\(s\) in eval mode",
+    r".*isinstance\(treespec, LeafSpec\)",
+)
+
+
 def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     validate(cfg)
     ops.set_default_impl(str(cfg.get("ops_impl", "auto")))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
