@@ -237,21 +237,16 @@ def test_a_small_cnn_learns_the_synthetic_label():
     )
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     accuracy = 0.0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions run far faster without thread hand-offs
-    try:
-        for _ in range(25):
-            for idx in torch.randperm(len(x)).split(64):
-                loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                accuracy = (net(xv).argmax(1) == yv).float().mean().item()
-            if accuracy > 0.95:
-                break
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(25):
+        for idx in torch.randperm(len(x)).split(64):
+            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            accuracy = (net(xv).argmax(1) == yv).float().mean().item()
+        if accuracy > 0.95:
+            break
     assert accuracy > 0.95
 
 

@@ -27,14 +27,6 @@ from stylex.ops import (
 from stylex.ops import dispatch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, which on a loaded 2-core
-    machine can stretch a 0.5 s gradcheck to tens of seconds."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 # ---------------------------------------------------------------------------------------------
 # upfirdn2d: independent definition

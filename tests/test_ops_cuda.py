@@ -34,14 +34,6 @@ from stylex.ops.upfirdn2d import upfirdn2d_ref
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, which on a loaded 2-core
-    machine can stretch a 0.5 s gradcheck to tens of seconds."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _toolkit_or_skip() -> Path:

@@ -12,7 +12,6 @@ import pytest
 from omegaconf import OmegaConf
 import pytorch_lightning as pl
 import torch
-import torch.nn as nn
 
 from helpers import tiny_cfg
 from stylex.training import losses

@@ -287,7 +287,7 @@ def _paint_capsules(
     Each capsule is evaluated only in a square window around it, whose size is set by the
     largest capsule, instead of over the whole canvas.
     """
-    batch, size = layer.shape[0], layer.shape[1]
+    size = layer.shape[1]
     pieces = pieces.astype(np.float32)  # half the memory traffic; sub-pixel error is ~1e-7
     x0, y0, x1, y1, rad = (pieces[..., i] for i in range(5))
     scale = size / 2.0  # sub-pixels per image unit
