@@ -300,3 +300,19 @@ def test_damaged_export_gives_a_clear_error(tiny_run, tmp_path):
     (exp / "stylex.json").write_text('{"format": "stylex-export", "version": 1}')
     with pytest.raises(ValueError, match="lacks"):
         load_export(exp)
+
+
+def test_resume_last_picks_the_run_whose_checkpoint_is_newest(tmp_path):
+    import os
+
+    from stylex.training.run import find_latest_run
+
+    old, new, no_ckpt = (tmp_path / "synthetic" / n for n in ("b-old", "a-new", "c-none"))
+    for run, stamp in ((old, 1_000), (new, 2_000)):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        os.utime(run / "checkpoints" / "last.ckpt", (stamp, stamp))
+    no_ckpt.mkdir(parents=True)
+    assert find_latest_run(tmp_path) == new
+    with pytest.raises(ConfigError, match="no run with checkpoints/last.ckpt"):
+        find_latest_run(tmp_path / "empty")

@@ -91,13 +91,15 @@ def find_latest_run(runs_root: Path) -> Path:
     """The newest folder ``<runs_root>/*/*`` that holds ``export/stylex.json``."""
     from stylex.export import META_FILE
 
-    candidates = [p.parent.parent for p in Path(runs_root).glob(f"*/*/export/{META_FILE}")]
-    if not candidates:
+    from stylex.utils.runs import latest_run
+
+    run = latest_run(runs_root, f"export/{META_FILE}")
+    if run is None:
         raise UsageError(
             f"no run found under {Path(runs_root).resolve()} (looked for */*/export/{META_FILE}). "
             "Train one with `python train.py`, or pass --run <run folder> or --checkpoint <export file>."
         )
-    return max(candidates, key=lambda p: ((p / "export" / META_FILE).stat().st_mtime, p.name))
+    return run
 
 
 def resolve_export(args: argparse.Namespace) -> tuple[Path, Path | None]:

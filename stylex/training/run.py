@@ -36,6 +36,7 @@ from lightning_fabric.utilities.rank_zero import _get_rank
 
 from stylex import ops
 from stylex.utils.io import atomic_write_text
+from stylex.utils.runs import latest_run
 
 log = logging.getLogger("stylex")
 
@@ -59,10 +60,10 @@ def _is_rank_zero() -> bool:
 
 
 def find_latest_run(runs_root: str | Path) -> Path:
-    runs = sorted(Path(runs_root).glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not runs:
+    run = latest_run(runs_root, "checkpoints/last.ckpt")
+    if run is None:
         raise ConfigError(f"resume=last: no run with checkpoints/last.ckpt under {Path(runs_root).resolve()}")
-    return runs[-1].parent.parent
+    return run
 
 
 def resolve_resume(resume: str, runs_root: str | Path) -> tuple[Path, Path]:
