@@ -129,9 +129,9 @@ void launch_typed(const BiasActParams& p, cudaStream_t stream) {
     const int64_t blocks64 = (p.numel + kThreads * kItemsPerThread - 1) / (kThreads * kItemsPerThread);
     const unsigned blocks = static_cast<unsigned>(blocks64 < 1 ? 1 : (blocks64 > 0x7fffffff ? 0x7fffffff : blocks64));
     switch (p.order) {
-        case 0: bias_act_kernel<T, Index, 0><<<blocks, kThreads, 0, stream>>>(p); break;
-        case 1: bias_act_kernel<T, Index, 1><<<blocks, kThreads, 0, stream>>>(p); break;
-        default: bias_act_kernel<T, Index, 2><<<blocks, kThreads, 0, stream>>>(p); break;
+        case 0: STYLEX_LAUNCH(blocks, kThreads, stream, bias_act_kernel<T, Index, 0>)(p); break;
+        case 1: STYLEX_LAUNCH(blocks, kThreads, stream, bias_act_kernel<T, Index, 1>)(p); break;
+        default: STYLEX_LAUNCH(blocks, kThreads, stream, bias_act_kernel<T, Index, 2>)(p); break;
     }
 }
 

@@ -4,8 +4,10 @@
 
 #include <cstdint>
 
+#ifndef STYLEX_HOST_KERNELS
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include "stylex_ops.h"
 

@@ -6,16 +6,34 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
+#ifndef STYLEX_HOST_KERNELS
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/csrc/utils/pybind.h>
+#endif
 
 #include <algorithm>
 #include <optional>
 #include <string>
 
 #include "stylex_ops.h"
+
+// Where the kernels run. The host build (STYLEX_HOST_KERNELS, see host_kernels.h) runs the same
+// kernels on CPU tensors so that their arithmetic can be tested without a GPU.
+#ifdef STYLEX_HOST_KERNELS
+#define STYLEX_ON_KERNEL_DEVICE(t) (t).is_cpu()
+#define STYLEX_KERNEL_DEVICE "CPU (host build)"
+#define STYLEX_DEVICE_GUARD(t)
+#define STYLEX_STREAM nullptr
+#define STYLEX_LAUNCH_CHECK()
+#else
+#define STYLEX_ON_KERNEL_DEVICE(t) (t).is_cuda()
+#define STYLEX_KERNEL_DEVICE "CUDA"
+#define STYLEX_DEVICE_GUARD(t) const c10::cuda::OptionalCUDAGuard guard((t).device())
+#define STYLEX_STREAM c10::cuda::getCurrentCUDAStream()
+#define STYLEX_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#endif
 
 namespace {
 
@@ -59,11 +77,12 @@ at::Tensor bias_act(const at::Tensor& x_in,               // any shape
                     int64_t act,                             // activation code
                     double alpha, double gain,
                     double clamp) {                          // < 0: no clamp
-    TORCH_CHECK(x_in.is_cuda(), "bias_act: x must be a CUDA tensor, got one on ", x_in.device());
+    TORCH_CHECK(STYLEX_ON_KERNEL_DEVICE(x_in), "bias_act: x must be a " STYLEX_KERNEL_DEVICE " tensor, got one on ",
+                x_in.device());
     const DType dtype = dtype_of(x_in, "bias_act: x");
     TORCH_CHECK(order >= 0 && order <= 2, "bias_act: order must be 0, 1 or 2, got ", order);
     TORCH_CHECK(act >= 0 && act <= 8, "bias_act: unknown activation code ", act);
-    const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+    STYLEX_DEVICE_GUARD(x_in);
 
     // Any dense layout (contiguous, channels_last, other permutations) is walked as it lies in
     // memory; anything else (slices, expanded views) is made contiguous first.
@@ -112,8 +131,8 @@ at::Tensor bias_act(const at::Tensor& x_in,               // any shape
 
     at::Tensor out = at::empty_like(x);  // same strides as the dense x
     p.out = out.data_ptr();
-    stylex::launch_bias_act(p, dtype, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    stylex::launch_bias_act(p, dtype, STYLEX_STREAM);
+    STYLEX_LAUNCH_CHECK();
     return out;
 }
 
@@ -179,13 +198,13 @@ at::Tensor run_pass(const at::Tensor& x,      // [n, c, h, w]
     const int chunk = static_cast<int>(std::min<int64_t>(n, kMaxLaunch / per_sample));
     const DType in_dtype = dtype_of(x, "upfirdn2d: x");
     const DType out_dtype = dtype_of(y, "upfirdn2d: output");
-    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const auto stream = STYLEX_STREAM;
     for (int n0 = 0; n0 < n; n0 += chunk) {
         p.n = std::min(chunk, n - n0);
         p.x = static_cast<const char*>(x.data_ptr()) + int64_t(n0) * x.stride(0) * x.element_size();
         p.y = static_cast<char*>(y.data_ptr()) + int64_t(n0) * y.stride(0) * y.element_size();
         stylex::launch_upfirdn2d(p, path, in_dtype, out_dtype, stream);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        STYLEX_LAUNCH_CHECK();
     }
     return y;
 }
@@ -212,14 +231,15 @@ at::Tensor upfirdn2d(const at::Tensor& x,  // [batch, channels, height, width]
                      bool flip_filter,     // true: correlate rather than convolve
                      double gain,
                      bool force_generic) { // skip the specialised kernels (tests)
-    TORCH_CHECK(x.is_cuda(), "upfirdn2d: x must be a CUDA tensor, got one on ", x.device());
+    TORCH_CHECK(STYLEX_ON_KERNEL_DEVICE(x), "upfirdn2d: x must be a " STYLEX_KERNEL_DEVICE " tensor, got one on ",
+                x.device());
     TORCH_CHECK(x.dim() == 4, "upfirdn2d: x must have shape [N, C, H, W], got ", x.sizes());
     dtype_of(x, "upfirdn2d: x");
     TORCH_CHECK(f.dim() == 1 || f.dim() == 2, "upfirdn2d: the filter must be 1-D or 2-D, got shape ", f.sizes());
     TORCH_CHECK(f.numel() > 0, "upfirdn2d: the filter is empty");
     TORCH_CHECK(upx >= 1 && upy >= 1 && downx >= 1 && downy >= 1, "upfirdn2d: factors must be >= 1");
     TORCH_CHECK(x.size(2) * upy <= kMaxLaunch && x.size(3) * upx <= kMaxLaunch, "upfirdn2d: image too large");
-    const c10::cuda::OptionalCUDAGuard guard(x.device());
+    STYLEX_DEVICE_GUARD(x);
 
     // No copy for the usual float32 filter on x's device; the kernels flip by indexing.
     const at::Tensor fc = f.to(x.device(), at::kFloat).contiguous();

@@ -6,7 +6,13 @@
 
 #include <cstdint>
 
+#ifdef STYLEX_HOST_KERNELS
+#include "host_kernels.h"  // the kernels compiled for the CPU, for tests without a GPU
+#else
 #include <cuda_runtime.h>
+// kernel<<<grid, block, 0, stream>>>, spelled so that host_kernels.h can run the same launch.
+#define STYLEX_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
 
 namespace stylex {
 

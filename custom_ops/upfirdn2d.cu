@@ -120,8 +120,8 @@ void launch(const UpfirdnParams& p, cudaStream_t stream) {
     const int64_t total = int64_t(p.n) * p.c * p.out_h * p.out_w;  // the host keeps it < 2^31
     if (total == 0) return;
     const unsigned blocks = static_cast<unsigned>((total + kThreads - 1) / kThreads);
-    upfirdn2d_kernel<TI, TO, SEP, KX, KY, UPX, UPY, DNX, DNY>
-        <<<blocks, kThreads, 0, stream>>>(p, static_cast<uint32_t>(total));
+    STYLEX_LAUNCH(blocks, kThreads, stream, upfirdn2d_kernel<TI, TO, SEP, KX, KY, UPX, UPY, DNX, DNY>)
+    (p, static_cast<uint32_t>(total));
 }
 
 template <typename T, bool SEP>

@@ -1,18 +1,21 @@
-"""The fused CUDA ops: build machinery, autograd rules, and (on a GPU) agreement with the reference.
+"""The fused CUDA ops: build machinery, autograd rules, and the kernels against the reference.
 
-Three groups:
+Four groups:
 
 * no marker: build-system logic with fakes (toolkit discovery behind a wrapper nvcc, cache keys,
   the stale-lock recovery, error messages, once-per-process fallback) and the autograd rules of
   ``cuda_build`` driven by an *emulated* extension on the CPU in float64. The emulation only
   tests how gradients are composed; it never stands in for kernel results.
 * ``cuda_build``: compiles the real extension (nvcc and a CUDA build of PyTorch; no GPU needed).
-* ``gpu``: the kernels against the reference for values, gradients and second-order gradients.
-"""
+* ``test_kernels_*[host]`` (no marker, needs a C++ compiler): the kernel sources compiled for the
+  CPU (``custom_ops/host_kernels.h``) against the reference for values, gradients and
+  second-order gradients: index arithmetic, padding, layouts, paths and 16-bit conversions.
+* ``test_kernels_*[cuda]`` (``gpu``): the same checks with the kernels on a GPU."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import subprocess
@@ -28,6 +31,7 @@ import torch
 
 from stylex.ops import ACTIVATIONS, bias_act, setup_filter, upfirdn2d
 from stylex.ops import cuda_build as cb
+from stylex.ops import dispatch
 from stylex.ops.bias_act import bias_act_ref
 from stylex.ops.upfirdn2d import upfirdn2d_ref
 
@@ -601,8 +605,71 @@ def test_real_toolkit_is_found_behind_a_wrapper():
 
 
 # =============================================================================================
-# gpu: kernels against the reference
+# the kernels against the reference: on the GPU ("cuda", marked gpu) and, everywhere, the same
+# kernel sources compiled for the CPU ("host", see custom_ops/host_kernels.h)
 # =============================================================================================
+
+_host_module = None
+
+
+def _host_kernels():
+    """The host build, compiled once per test session (and cached across sessions)."""
+    global _host_module
+    if _host_module is None:
+        cxx = os.environ.get("CXX", "c++")
+        if cb.shutil.which(cxx) is None:
+            pytest.skip(f"no C++ compiler ({cxx!r} is not on PATH) to build the host kernels with")
+        _host_module = cb.load_host_kernels()  # a failed compile fails the test: it is a bug
+    return _host_module
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "host"])
+def kernels(request, monkeypatch):
+    """The device the fused kernels run on for this test: "cuda", or "cpu" for the host build.
+
+    For the host build the public ops send CPU tensors down the fused path (which they never do
+    outside tests) and the fused path finds the host module in place of the CUDA one.
+    """
+    if request.param == "cuda":
+        _gpu_or_skip()
+        return "cuda"
+    module = _host_kernels()
+    monkeypatch.setattr(cb, "load_extension", lambda: module)
+    monkeypatch.setattr(cb, "_module", module)
+    monkeypatch.setattr(cb, "_failure", None)
+
+    def use_host(x, impl, op):
+        impl = impl if impl is not None else dispatch.get_default_impl()
+        return impl != "ref"
+
+    for name in ("stylex.ops.bias_act", "stylex.ops.upfirdn2d"):
+        monkeypatch.setattr(importlib.import_module(name), "use_cuda", use_host)
+    return "cpu"
+
+
+def test_host_kernels_refuse_cuda_tensors_and_cuda_build_refuses_cpu():
+    """Each build names the device it runs on when given a tensor from another."""
+    module = _host_kernels()
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="bias_act: x must be a CPU \\(host build\\) tensor"):
+            module.bias_act(torch.ones(3, device="cuda"), None, None, None, 0, 0, 1, 0.2, 1.0, -1.0)
+    with pytest.raises(RuntimeError, match="upfirdn2d: x must have shape"):
+        module.upfirdn2d(torch.ones(4, 4), torch.ones(4), 1, 1, 1, 1, 0, 0, 0, 0, False, 1.0, False)
+    assert module.upfirdn2d_path(4, 4, 2, 2, 1, 1) == "k4_up2"
+
+
+def test_fast_division_is_exact_where_the_kernels_use_it():
+    """The host build's bias index (fast division by stride and size) at awkward divisors.
+
+    A wrong magic number shows as a bias added to the wrong channel: x = 0 and linear
+    activation make the output the bias itself, so every element must equal b[its channel].
+    """
+    _host_kernels()
+    for c, inner in [(3, 1), (7, 5), (641, 3), (1, 9), (1000, 1), (255, 257)]:
+        b = torch.arange(c, dtype=torch.float32) + 1
+        x = torch.zeros(2, c, inner)
+        y = cb.load_host_kernels().bias_act(x, b, None, None, 0, 1, 0, 0.0, 1.0, -1.0)
+        assert torch.equal(y, b.view(1, c, 1).expand_as(x)), (c, inner)
 
 # Tolerances, relative to the largest magnitude of the reference (computed in float32 from the
 # same rounded inputs). float32: 1e-5 for values, gradients and second-order gradients.
@@ -689,24 +756,21 @@ def _upfirdn_check(x, f, up, down, pad, gain, dtype, what, second_order=True):
         assert_rel_close(h, href, TOL[torch.float32], f"{what} second-order gradient")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", list(UPFIRDN_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("forced_generic", [False, True], ids=["auto_path", "generic"])
-def test_gpu_upfirdn2d_matches_reference(case, dtype, layout, forced_generic):
-    _gpu_or_skip()
+def test_kernels_upfirdn2d_matches_reference(case, dtype, layout, forced_generic, kernels):
     spec, up, down, pad, gain, path = UPFIRDN_CASES[case]
-    f = _case_filter(spec, "cuda")
-    g = torch.Generator(device="cuda").manual_seed(11)
-    x = _layout(torch.randn(3, 5, 9, 7, generator=g, device="cuda").to(dtype), layout)
+    f = _case_filter(spec, kernels)
+    g = torch.Generator(device=kernels).manual_seed(11)
+    x = _layout(torch.randn(3, 5, 9, 7, generator=g, device=kernels).to(dtype), layout)
     ctx = cb.force_generic_upfirdn2d() if forced_generic else contextlib.nullcontext()
     with ctx:
         assert cb.upfirdn2d_path(f, up, down) == ("generic" if forced_generic else path)
         _upfirdn_check(x, f, up, down, pad, gain, dtype, f"{case}/{layout}")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize(
     "shape,case",
     [
@@ -718,37 +782,32 @@ def test_gpu_upfirdn2d_matches_reference(case, dtype, layout, forced_generic):
     ],
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_gpu_upfirdn2d_odd_shapes(shape, case, layout):
-    _gpu_or_skip()
+def test_kernels_upfirdn2d_odd_shapes(shape, case, layout, kernels):
     spec, up, down, pad, gain, _ = UPFIRDN_CASES[case]
-    f = _case_filter(spec, "cuda")
-    x = _layout(torch.randn(*shape, device="cuda"), layout)
+    f = _case_filter(spec, kernels)
+    x = _layout(torch.randn(*shape, device=kernels), layout)
     _upfirdn_check(x, f, up, down, pad, gain, torch.float32, f"{case}{shape}/{layout}")
 
 
-@pytest.mark.gpu
-def test_gpu_upfirdn2d_keeps_layout_and_dispatches():
-    _gpu_or_skip()
-    f = setup_filter([1, 3, 3, 1], device="cuda")
-    x = torch.randn(2, 8, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+def test_kernels_upfirdn2d_keeps_layout_and_dispatches(kernels):
+    f = setup_filter([1, 3, 3, 1], device=kernels)
+    x = torch.randn(2, 8, 16, 16, device=kernels).contiguous(memory_format=torch.channels_last)
     y = upfirdn2d(x, f, up=2, padding=(2, 1, 2, 1), gain=4.0, impl="cuda")
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_rel_close(y, upfirdn2d(x, f, up=2, padding=(2, 1, 2, 1), gain=4.0, impl="ref"), 1e-5, "impl=cuda")
     # float64 is outside the kernels' types and takes the reference path even with impl="cuda"
-    xd = torch.randn(1, 1, 5, 5, device="cuda", dtype=torch.float64, requires_grad=True)
+    xd = torch.randn(1, 1, 5, 5, device=kernels, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: upfirdn2d(t, f.double(), up=2, padding=1, impl="cuda"), (xd,))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("dim,clamp", [(1, None), (1, 0.9), (3, None)])
-def test_gpu_bias_act_matches_reference(name, dtype, layout, dim, clamp):
-    _gpu_or_skip()
-    g = torch.Generator(device="cuda").manual_seed(5)
-    x = _layout((1.5 * torch.randn(4, 6, 5, 3, generator=g, device="cuda")).to(dtype), layout)
-    b = torch.randn(x.shape[dim], generator=g, device="cuda").to(dtype)
+def test_kernels_bias_act_matches_reference(name, dtype, layout, dim, clamp, kernels):
+    g = torch.Generator(device=kernels).manual_seed(5)
+    x = _layout((1.5 * torch.randn(4, 6, 5, 3, generator=g, device=kernels)).to(dtype), layout)
+    b = torch.randn(x.shape[dim], generator=g, device=kernels).to(dtype)
     spec = ACTIVATIONS[name]
     xin = x.detach().requires_grad_()
     bin_ = b.detach().requires_grad_()
@@ -772,12 +831,10 @@ def test_gpu_bias_act_matches_reference(name, dtype, layout, dim, clamp):
         assert_rel_close(hb, hbr, TOL[torch.float32], f"{name} second-order db")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("shape,dim", [((1,), 0), ((7,), 0), ((2, 1000), 1), ((1, 512, 1, 1), 1), ((3, 5, 2), 2)])
-def test_gpu_bias_act_odd_shapes_and_no_bias(shape, dim):
-    _gpu_or_skip()
-    x = torch.randn(*shape, device="cuda")
-    b = torch.randn(shape[dim], device="cuda")
+def test_kernels_bias_act_odd_shapes_and_no_bias(shape, dim, kernels):
+    x = torch.randn(*shape, device=kernels)
+    b = torch.randn(shape[dim], device=kernels)
     for bias in (b, None):
         for act in ("lrelu", "swish", "linear"):
             assert_rel_close(
@@ -788,12 +845,10 @@ def test_gpu_bias_act_odd_shapes_and_no_bias(shape, dim):
             )
 
 
-@pytest.mark.gpu
-def test_gpu_r1_through_both_ops():
+def test_kernels_r1_through_both_ops(kernels):
     """A discriminator-like chain (filter, bias+lrelu, downsample) and its R1 penalty gradient."""
-    _gpu_or_skip()
-    f = setup_filter([1, 3, 3, 1], device="cuda")
-    b = torch.randn(8, device="cuda", requires_grad=True)
+    f = setup_filter([1, 3, 3, 1], device=kernels)
+    b = torch.randn(8, device=kernels, requires_grad=True)
 
     def net(img, impl):
         h = upfirdn2d(img, f, padding=(2, 1, 2, 1), impl=impl)
@@ -801,7 +856,7 @@ def test_gpu_r1_through_both_ops():
         h = upfirdn2d(h, f, down=2, padding=1, impl=impl)
         return bias_act(h, None, act="swish", clamp=4.0, impl=impl).sum(dim=(1, 2, 3))
 
-    img = torch.randn(4, 8, 16, 16, device="cuda")
+    img = torch.randn(4, 8, 16, 16, device=kernels)
     results = {}
     for impl in ("cuda", "ref"):
         x = img.clone().requires_grad_()
@@ -810,3 +865,29 @@ def test_gpu_r1_through_both_ops():
         results[impl] = torch.autograd.grad(penalty, [x, b])
     for a, r, what in zip(results["cuda"], results["ref"], ("d penalty / d img", "d penalty / d bias")):
         assert_rel_close(a, r, TOL[torch.float32], what)
+
+
+def test_kernels_in_a_whole_training_step(kernels, monkeypatch):
+    """Generator forward, discriminator logits and the R1 penalty's gradient with the fused ops
+    (as the networks call them, through the default impl) against the reference ops."""
+    from stylex.networks import Discriminator, Generator
+
+    torch.manual_seed(0)
+    kw = dict(channel_base=256, channel_max=16, conv_clamp=64.0)
+    G = Generator(z_dim=16, w_dim=16, c_dim=2, resolution=16, mapping_layers=2, **kw).to(kernels)
+    D = Discriminator(resolution=16, c_dim=2, **kw).to(kernels)
+    z = torch.randn(4, 16, device=kernels)
+    c = torch.softmax(torch.randn(4, 2, device=kernels), dim=1)
+    results = {}
+    for impl in ("cuda", "ref"):
+        monkeypatch.setattr(dispatch, "_default_impl", impl)
+        img = G(z, c, noise_mode="const")
+        x = img.detach().requires_grad_()
+        logits = D(x, c)
+        (g,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        penalty = g.square().sum()
+        first_weight = next(D.parameters())
+        dx, dw = torch.autograd.grad(penalty, [x, first_weight])
+        results[impl] = (img, logits, penalty, dx, dw)
+    for got, want, what in zip(results["cuda"], results["ref"], ("image", "logits", "R1", "dR1/dx", "dR1/dW0")):
+        assert_rel_close(got, want, 1e-4, what)

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -45,7 +46,7 @@ import torch
 OPS = ("upfirdn2d", "bias_act")
 EXTENSION_PREFIX = "stylex_fused_ops"
 SOURCE_FILES = ("stylex_ops.cpp", "bias_act.cu", "upfirdn2d.cu")
-HEADER_FILES = ("stylex_ops.h", "dtype_io.cuh")
+HEADER_FILES = ("stylex_ops.h", "dtype_io.cuh", "host_kernels.h")
 DEFAULT_CACHE = Path("~/.cache/stylex/ops")
 DEFAULT_TOOLKIT = Path("/usr/local/cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -308,6 +309,7 @@ class BuildConfig:
     defines: tuple[str, ...] = ()  # extra -D definitions, "NAME" or "NAME=VALUE"
     cflags: tuple[str, ...] = ("-O3",)
     cuda_cflags: tuple[str, ...] = ("-O3",)  # no --use_fast_math: it loosens tanh/exp beyond 1e-5
+    target: str = "cuda"  # "cuda", or "host": the same kernels run on the CPU (see host_config)
 
     def key(self) -> str:
         fields = {
@@ -320,13 +322,15 @@ class BuildConfig:
             "defines": list(self.defines),
             "cflags": list(self.cflags),
             "cuda_cflags": list(self.cuda_cflags),
+            "target": self.target,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def name(self) -> str:
         """Module name, unique per key so that two builds can live in one process."""
-        return f"{EXTENSION_PREFIX}_{self.key()}"
+        infix = "" if self.target == "cuda" else f"{self.target}_"
+        return f"{EXTENSION_PREFIX}_{infix}{self.key()}"
 
     def folder(self, root: Path | None = None) -> Path:
         return (cache_root() if root is None else Path(root)) / self.name
@@ -339,6 +343,27 @@ def current_config(**overrides) -> BuildConfig:
     check_versions(version, torch.version.cuda, home)
     config = BuildConfig(sources=source_dir(), cuda_home=home, nvcc=version, archs=target_archs(home))
     return replace(config, **overrides) if overrides else config
+
+
+def host_config() -> BuildConfig:
+    """The kernels compiled as ordinary C++ for CPU tensors (``custom_ops/host_kernels.h``).
+
+    A launch then runs every thread of its grid in turn, which computes what the GPU computes
+    because the kernels share nothing between threads. It is far too slow for real work; it exists
+    so that the kernels' arithmetic is tested against the reference on machines without a GPU.
+    Needs a C++ compiler and ninja, not the CUDA toolkit.
+    """
+    return BuildConfig(
+        sources=source_dir(),
+        cuda_home=Path(),
+        nvcc="none",
+        archs=(),
+        torch_cuda="none",
+        defines=("STYLEX_HOST_KERNELS",),
+        cflags=("-O2", "-Wno-unknown-pragmas"),
+        cuda_cflags=(),
+        target="host",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,8 +567,51 @@ def _torch_cuda_home(home: Path) -> Iterator[None]:
             os.environ["CUDA_HOME"] = saved_env
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+def _compile_host(config: BuildConfig, workdir: Path) -> ModuleType:
+    """The host build: the .cu files enter through small .cpp files so that g++ compiles them."""
+    defines = [f"-D{d}" for d in config.defines]
+    wrappers = []
+    for name in SOURCE_FILES:
+        if name.endswith(".cu"):
+            wrapper = workdir / f"host_{Path(name).stem}.cpp"
+            wrapper.write_text(f'#include "{name}"\n')
+            wrappers.append(str(wrapper))
+        else:
+            wrappers.append(str(config.sources / name))
+    with warnings.catch_warnings(), _quiet_logger("torch.utils.cpp_extension"):
+        warnings.simplefilter("ignore")
+        from torch.utils import cpp_extension  # on first import it logs where CUDA is: moot here
+
+        try:
+            return cpp_extension.load(
+                name=config.name,
+                sources=wrappers,
+                extra_cflags=[*config.cflags, *defines],
+                extra_include_paths=[str(config.sources)],
+                build_directory=str(workdir),
+                with_cuda=False,
+                verbose=False,
+            )
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            tail = str(err)[-8000:]
+            raise BuildError(f"compiling the host build of the kernels failed.\n--- compiler output ---\n{tail}") from err
+
+
 def _compile(config: BuildConfig, workdir: Path) -> ModuleType:
     _preflight(config)
+    if config.target == "host":
+        return _compile_host(config, workdir)
     defines = [f"-D{d}" for d in config.defines]
     with warnings.catch_warnings(), _torch_cuda_home(config.cuda_home):
         warnings.simplefilter("ignore")  # torch's notes about ABI / missing GPU are noise here
@@ -640,6 +708,15 @@ def load_extension() -> ModuleType:
         if _failure is not None:
             raise BuildError(str(_failure))
         return _module
+
+
+def load_host_kernels() -> ModuleType:
+    """The kernels built for CPU tensors (see :func:`host_config`); built and cached on first use.
+
+    Same interface as the CUDA module. Tests put it in place of :func:`load_extension` to run the
+    autograd wrappers of this module on CPU tensors.
+    """
+    return build(host_config())[0]
 
 
 def available(op: str, strict: bool = False) -> bool:
