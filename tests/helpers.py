@@ -30,6 +30,7 @@ TINY = [
     "trainer.enable_model_summary=false",
     "trainer.accelerator=cpu",
     "callbacks.explain.enabled=false",
+    "callbacks.encoder_fit.steps=0",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import csv
 import math
 import re
@@ -14,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from helpers import tiny_cfg
+from stylex.export import load_export
 from stylex.training import losses
 from stylex.training.run import ConfigError, build_datamodule, build_module, train
 
@@ -95,6 +97,38 @@ def test_classifier_stays_frozen_while_its_gradient_trains_the_generator(tmp_pat
     assert changed > 0, "no generator parameter moved: the classifier KL did not reach the generator"
 
 
+def _encoder_gradient_of_one_step(tmp_path, *overrides) -> list[torch.Tensor]:
+    """E's gradient in the first training step, from identical weights, data and noise."""
+    torch.manual_seed(0)
+    cfg, dm, clf = _module_and_data(tmp_path, "model.lr=0", "loss.r1_gamma=0", *overrides)
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    captured = {}
+    original = module._step
+
+    def spy(opt, counted):
+        if opt.optimizer is module.optimizers()[2].optimizer and "E" not in captured:
+            captured["E"] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.E.parameters()]
+        return original(opt, counted)
+
+    module._step = spy
+    torch.manual_seed(0)
+    _fit_steps(module, dm, 1, tmp_path)
+    return captured["E"]
+
+
+def test_encoder_learns_from_the_reconstruction_terms_only(tmp_path):
+    """With encoder_losses=reconstruction, adding the KL and adversarial terms leaves E's gradient
+    unchanged (the generator still gets them); with "all" they reach E."""
+    no_gen_terms = ["loss.kl_rec=0", "loss.adv=0", "loss.kl_gen=0"]
+    base = _encoder_gradient_of_one_step(tmp_path / "a", *no_gen_terms, "loss.encoder_losses=all")
+    split = _encoder_gradient_of_one_step(tmp_path / "b", "loss.kl_rec=5", "loss.adv=2")
+    mixed = _encoder_gradient_of_one_step(tmp_path / "c", "loss.kl_rec=5", "loss.adv=2", "loss.encoder_losses=all")
+    assert any(g.abs().sum() > 0 for g in base)
+    for a, b in zip(base, split):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    assert max((a - c).abs().max().item() for a, c in zip(base, mixed)) > 1e-4, "KL/adversarial did not reach E"
+
+
 def test_max_steps_counts_training_steps_not_optimiser_steps(tmp_path):
     cfg, dm, clf = _module_and_data(tmp_path)
     module = build_module(cfg, dm.num_classes, dm.class_names, clf)
@@ -135,7 +169,8 @@ def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "synthetic" / "tiny"
     cfg = tiny_cfg(run_dir, "trainer.max_steps=80", "callbacks.samples.every_n_steps=40",
                    "trainer.log_every_n_steps=1", "callbacks.explain.enabled=true",
-                   "callbacks.explain.num_images=8", "callbacks.explain.top_k=2")
+                   "callbacks.explain.num_images=8", "callbacks.explain.top_k=2",
+                   "callbacks.encoder_fit.steps=40")
     return train(cfg)
 
 
@@ -157,6 +192,23 @@ def test_short_run_reduces_reconstruction_and_classifier_kl(tiny_run):
         assert len(series) == 80, key
         first, last = series[:10], series[-10:]
         assert sum(last) / len(last) < 0.8 * sum(first) / len(first), f"{key} did not go down: {series}"
+
+
+def test_encoder_fit_after_training_lowers_the_ema_reconstruction_error(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    fit = summary["encoder_fit"]
+    assert fit["steps"] == 40
+    assert fit["recon_l1_after"] < fit["recon_l1_before"], fit
+    # the export holds the fitted encoder: its reconstruction error is the "after" figure
+    exp = load_export(tiny_run)
+    cfg = OmegaConf.load(tiny_run / "config.yaml")
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    x = next(iter(dm.val_dataloader()))["image"]
+    with torch.no_grad():
+        c = exp.classifier(x).softmax(dim=1)
+        err = (exp.generator.generate(exp.encoder(x), c, noise_mode="const") - x).abs().mean().item()
+    assert err == pytest.approx(fit["recon_l1_after"], rel=1e-4)
 
 
 def test_run_folder_holds_everything_later_commands_need(tiny_run):
@@ -232,6 +284,7 @@ def test_resume_refuses_to_switch_config_groups(tiny_run):
 
 @pytest.mark.parametrize("override,message", [
     ("loss.batch_mode=sometimes", "loss.batch_mode must be"),
+    ("loss.encoder_losses=some", "loss.encoder_losses must be 'reconstruction' or 'all'"),
     ("loss.perceptual_backend=vgg", "loss.perceptual_backend='vgg' is not one of"),
     ("model.batch_size=6", "must be a multiple of 4"),
     ("trainer.precision=16-mixed", "use trainer.precision=bf16-mixed"),

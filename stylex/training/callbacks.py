@@ -165,7 +165,44 @@ class Summary(pl.Callback):
             "images_per_second": self.throughput.images_per_second if self.throughput else None,
             **metrics,
         }
+        if getattr(pl_module, "encoder_fit", None):
+            summary["encoder_fit"] = pl_module.encoder_fit
         atomic_write_json(self.path, summary)
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+class EncoderFit(pl.Callback):
+    """When fit ends, trains the encoder alone against the frozen EMA generator (see
+    :meth:`StylexModule.fit_encoder_to_ema`), before the last samples, export, checkpoint and
+    explanation. Every rank runs the same seeded steps on the full training set, so the
+    replicas stay equal under DDP."""
+
+    def __init__(self, steps: int = 200, lr: float | None = None, seed: int = 0):
+        self.steps = int(steps)
+        self.lr = lr
+        self.seed = int(seed)
+
+    def on_train_end(self, trainer, pl_module):
+        dm = trainer.datamodule
+        if self.steps <= 0 or dm is None:
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        loader = torch.utils.data.DataLoader(
+            dm.train_dataloader().dataset, batch_size=dm.batch_size, shuffle=True, generator=gen, drop_last=True,
+        )
+        check = next(iter(dm.val_dataloader()))["image"]
+        lr = float(self.lr if self.lr is not None else pl_module.optim_cfg["lr_e"])
+        log.info("fitting the encoder to the EMA generator (%d steps)", self.steps)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            info = pl_module.fit_encoder_to_ema(_endless(loader), self.steps, lr, check)
+        pl_module.encoder_fit = info
+        log.info("encoder fit: reconstruction L1 %.4f -> %.4f in %.1f s",
+                 info["recon_l1_before"], info["recon_l1_after"], info["seconds"])
 
 
 class FinalCheckpoint(pl.Callback):

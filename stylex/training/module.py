@@ -7,7 +7,8 @@ One training step (manual optimisation, three optimisers):
 2. Generator (mapping + synthesis) and encoder, from the same loss:
 
    - encoder path: ``w = E(x)``, ``x̂ = G(w ⊕ C(x))``; L1(x, x̂) + perceptual(x, x̂) +
-     L1(E(x̂), w) + KL(C(x) ‖ C(x̂)) + adversarial;
+     L1(E(x̂), w) + KL(C(x) ‖ C(x̂)) + adversarial. By default (``encoder_losses``) only the
+     first three train the encoder; all of them train the generator;
    - noise path: ``w = M(z)``, ``x̃ = G(w ⊕ p̃)`` with ``p̃`` the classifier output of another real
      image of the batch; adversarial + KL(p̃ ‖ C(x̃)).
 
@@ -22,8 +23,9 @@ so it cannot tell generator steps from discriminator steps).
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -49,6 +51,7 @@ DEFAULT_LOSS = {
     "pl_decay": 0.01,
     "batch_mode": "both",  # both | alternate
     "d_fakes": "both",  # which fakes D sees: both | encoder | noise
+    "encoder_losses": "reconstruction",  # what trains E: reconstruction (pixel, perceptual, latent) | all
 }
 
 DEFAULT_OPTIM = {"lr_g": 0.0025, "lr_d": 0.0025, "lr_e": 0.0025, "betas": (0.0, 0.99), "eps": 1e-8}
@@ -76,6 +79,8 @@ def check_loss_config(loss: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"loss.batch_mode must be 'both' or 'alternate', got {cfg['batch_mode']!r}")
     if cfg["d_fakes"] not in ("both", "encoder", "noise"):
         raise ValueError(f"loss.d_fakes must be 'both', 'encoder' or 'noise', got {cfg['d_fakes']!r}")
+    if cfg["encoder_losses"] not in ("reconstruction", "all"):
+        raise ValueError(f"loss.encoder_losses must be 'reconstruction' or 'all', got {cfg['encoder_losses']!r}")
     resolve_backend(cfg["perceptual_backend"])
     return cfg
 
@@ -183,6 +188,24 @@ class StylexModule(pl.LightningModule):
         else:
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
 
+    @staticmethod
+    def _encoder_surrogate(reconstruction: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor) -> torch.Tensor:
+        """A term whose gradient gives E exactly the gradient of ``reconstruction`` through w.
+
+        E inverts the generator, so it learns from the pixel, perceptual and latent terms only;
+        the classifier-KL and adversarial terms train the generator. Through a sharp classifier
+        the KL gradient is large and erratic, and mixed into E's Adam steps it drowns the
+        reconstruction signal: E(x) collapses toward one latent and reconstructions keep the
+        class (from the conditioning) but not the image. The generator's graph starts at the
+        leaf ``w_in``; ``g = d reconstruction / d w_in`` is taken first, and ``sum(w * g)``
+        (value irrelevant, gradient ``J_E^T g``) joins the one backward pass of the step, so a
+        distributed run still reduces every gradient once.
+        """
+        (g,) = torch.autograd.grad(reconstruction, w_in, retain_graph=True, allow_unused=True)
+        if g is None:
+            return w.sum() * 0.0
+        return (w.float() * g.detach().float()).sum()
+
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
         # Lazy regularisation here adds its (interval-scaled) penalty to the main loss of that
@@ -257,19 +280,24 @@ class StylexModule(pl.LightningModule):
         _requires_grad(self.E, True)
         logs: dict[str, torch.Tensor] = {"train/loss_d": loss_d.detach(), "train/d_real": real_logits.detach().mean()}
         loss_g = x.new_zeros((), dtype=torch.float32)
+        encoder_surrogate = None
         if use_enc:
             w = self.E(x)
-            x_rec = self.G.generate(w, c_real)
+            # With encoder_losses="reconstruction" the generator sees w as a leaf, and E learns
+            # from the reconstruction terms alone (see _encoder_surrogate).
+            split = cfg["encoder_losses"] == "reconstruction"
+            w_in = w.detach().requires_grad_(True) if split else w
+            x_rec = self.G.generate(w_in, c_real)
             logits_rec, feats_rec = self._classify(x_rec, features=True)
             rec_l1 = losses.l1(x_rec.float(), x.float())
             perc = self._perceptual(x_rec, x, feats_rec, feats_real) if cfg["perceptual"] > 0 else x.new_zeros(())
-            lat = losses.l1(self.E(x_rec).float(), w.float())
+            lat = losses.l1(self.E(x_rec).float(), w_in.float())
             kl_rec = losses.classifier_kl(c_real, logits_rec)
             adv_rec = losses.g_nonsaturating_loss(self.D(x_rec, c_real))
-            loss_g = loss_g + (
-                cfg["rec_l1"] * rec_l1 + cfg["perceptual"] * perc + cfg["latent_l1"] * lat
-                + cfg["kl_rec"] * kl_rec + cfg["adv"] * adv_rec
-            )
+            reconstruction = cfg["rec_l1"] * rec_l1 + cfg["perceptual"] * perc + cfg["latent_l1"] * lat
+            loss_g = loss_g + reconstruction + cfg["kl_rec"] * kl_rec + cfg["adv"] * adv_rec
+            if split:
+                encoder_surrogate = self._encoder_surrogate(reconstruction, w, w_in)
             logs.update({
                 "train/rec_l1": rec_l1.detach(), "train/perceptual": perc.detach(), "train/latent_l1": lat.detach(),
                 "train/kl_rec": kl_rec.detach(), "train/adv_rec": adv_rec.detach(),
@@ -298,7 +326,7 @@ class StylexModule(pl.LightningModule):
         self._last_losses.update({k.split("/")[-1]: float(v) for k, v in logs.items()})
         opt_g.zero_grad(set_to_none=True)
         opt_e.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
+        self.manual_backward(loss_g if encoder_surrogate is None else loss_g + encoder_surrogate)
         self._check_finite(list(self.G.parameters()) + list(self.E.parameters()), "generator/encoder")
         self._step(opt_e, counted=False)
         self._step(opt_g, counted=True)
@@ -317,6 +345,62 @@ class StylexModule(pl.LightningModule):
         if use_enc:
             self.log("rec", logs["train/rec_l1"], prog_bar=True, on_step=True, batch_size=b, logger=False)
         self.log("d", logs["train/loss_d"], prog_bar=True, on_step=True, batch_size=b, logger=False)
+
+    # ------------------------------------------------------------------ encoder fit
+    def encoder_reconstruction_loss(self, x: torch.Tensor, generator: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's objective on ``x`` through ``generator`` (default: the EMA generator):
+        the weighted pixel, perceptual and latent terms. Returns (loss, pixel L1)."""
+        cfg = self.loss_cfg
+        g = self.G_ema if generator is None else generator
+        with torch.no_grad():
+            logits, feats_real = self._classify(x, features=True)
+            c = logits.float().softmax(dim=1)
+        w = self.E(x)
+        x_rec = g.generate(w, c, noise_mode="const")
+        rec_l1 = losses.l1(x_rec.float(), x.float())
+        loss = cfg["rec_l1"] * rec_l1
+        if cfg["perceptual"] > 0:
+            _, feats_rec = self._classify(x_rec, features=True)
+            loss = loss + cfg["perceptual"] * self._perceptual(x_rec, x, feats_rec, feats_real)
+        if cfg["latent_l1"] > 0:
+            loss = loss + cfg["latent_l1"] * losses.l1(self.E(x_rec).float(), w.float())
+        return loss, rec_l1
+
+    def fit_encoder_to_ema(
+        self,
+        batches: Iterator[Mapping[str, torch.Tensor]],  # endless training batches
+        steps: int,
+        lr: float,
+        check: torch.Tensor,  # [B, 3, R, R] images to measure the reconstruction on
+    ) -> dict[str, float]:
+        """Train the encoder alone against the frozen EMA generator for ``steps`` steps.
+
+        Joint training pairs E with the live generator, while reconstructions, the export and
+        AttFind use the EMA generator; early in training the two differ enough that E(x) misses
+        its image under the EMA weights. A short fit at the end makes the exported pair agree.
+        """
+        check = check.to(self.device)
+
+        def measure() -> float:
+            with torch.no_grad():
+                return float(self.encoder_reconstruction_loss(check)[1])
+
+        before = measure()
+        start = time.perf_counter()
+        opt = torch.optim.Adam(self.E.parameters(), lr=lr, betas=(0.0, 0.99), eps=1e-8)
+        was_training = self.E.training
+        self.E.train()
+        _requires_grad(self.E, True)
+        with torch.enable_grad():
+            for _ in range(int(steps)):
+                x = next(batches)["image"].to(self.device)
+                loss, _ = self.encoder_reconstruction_loss(x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        self.E.train(was_training)
+        return {"steps": int(steps), "recon_l1_before": before, "recon_l1_after": measure(),
+                "seconds": round(time.perf_counter() - start, 2)}
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()

@@ -279,9 +279,10 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], clas
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, extra: dict) -> list[pl.Callback]:
     from stylex.explain.callback import ExplainCallback
-    from stylex.training.callbacks import Exporter, FinalCheckpoint, SampleGrid, Summary, Throughput
+    from stylex.training.callbacks import EncoderFit, Exporter, FinalCheckpoint, SampleGrid, Summary, Throughput
 
     cb = cfg.callbacks
+    fit = cb.get("encoder_fit") or {}
     throughput = Throughput()
     bar = [TQDMProgressBar(refresh_rate=int(cb.progress_bar.refresh_rate))] if cfg.trainer.get(
         "enable_progress_bar", True) else []
@@ -291,6 +292,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, extra: dict) -> list[pl.Call
             every_n_train_steps=int(cb.checkpoint.every_n_steps), save_top_k=int(cb.checkpoint.keep),
             monitor="g_step", mode="max", save_last=True, save_on_train_epoch_end=False,
         ),
+        # First of the end-of-fit work: the last samples, export and checkpoint hold the fitted encoder.
+        EncoderFit(steps=int(fit.get("steps", 0)), lr=fit.get("lr"), seed=int(cfg.seed)),
         SampleGrid(run_dir / "samples", every_n_steps=int(cb.samples.every_n_steps),
                    num_images=int(cb.samples.num_images), seed=int(cfg.seed)),
         Exporter(run_dir / "export", extra=extra, every_n_steps=int(cb.export.every_n_steps)),
