@@ -201,8 +201,9 @@ class EncoderFit(pl.Callback):
             torch.manual_seed(self.seed)
             info = pl_module.fit_encoder_to_ema(_endless(loader), self.steps, lr, check)
         pl_module.encoder_fit = info
-        log.info("encoder fit: reconstruction L1 %.4f -> %.4f in %.1f s",
-                 info["recon_l1_before"], info["recon_l1_after"], info["seconds"])
+        log.info("encoder fit: reconstruction L1 %.4f -> %.4f, class agreement %.2f -> %.2f, in %.1f s",
+                 info["recon_l1_before"], info["recon_l1_after"], info["agreement_before"],
+                 info["agreement_after"], info["seconds"])
 
 
 class FinalCheckpoint(pl.Callback):

@@ -381,9 +381,12 @@ class StylexModule(pl.LightningModule):
         """
         check = check.to(self.device)
 
-        def measure() -> float:
+        def measure() -> tuple[float, float]:
+            """(pixel L1, share of reconstructions the classifier puts in the class of the original)."""
             with torch.no_grad():
-                return float(self.encoder_reconstruction_loss(check)[1])
+                x_rec, c = self.reconstruct(check)
+                agree = (self.classifier(x_rec).argmax(dim=1) == c.argmax(dim=1)).float().mean()
+                return float(losses.l1(x_rec.float(), check.float())), float(agree)
 
         before = measure()
         start = time.perf_counter()
@@ -399,7 +402,9 @@ class StylexModule(pl.LightningModule):
                 loss.backward()
                 opt.step()
         self.E.train(was_training)
-        return {"steps": int(steps), "recon_l1_before": before, "recon_l1_after": measure(),
+        after = measure()
+        return {"steps": int(steps), "recon_l1_before": before[0], "recon_l1_after": after[0],
+                "agreement_before": before[1], "agreement_after": after[1],
                 "seconds": round(time.perf_counter() - start, 2)}
 
     # ------------------------------------------------------------------ validation
