@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--override", action="append", default=[],
+                    help="extra config override, e.g. loss.encoder_losses=all (repeatable)")
     args = ap.parse_args(argv)
 
     overrides = [f"model={args.model}", "dataset.num_train=1024", "dataset.num_val=64", "logger=none"]
@@ -55,6 +57,7 @@ def main(argv=None) -> None:
         overrides.append(f"classifier={args.classifier}")
     if args.batch_size:
         overrides.append(f"model.batch_size={args.batch_size}")
+    overrides += args.override
     with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "configs")):
         cfg = compose(config_name="train", overrides=overrides)
     dm = build_datamodule(cfg)
@@ -73,7 +76,8 @@ def main(argv=None) -> None:
     batch = int(cfg.model.batch_size)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.accelerator != "cpu" else (
         f"CPU, {torch.get_num_threads()} threads")
-    print(f"model={args.model} batch={batch} precision={args.precision} device={device}")
+    extra = f" overrides={' '.join(args.override)}" if args.override else ""
+    print(f"model={args.model} batch={batch} precision={args.precision} device={device}{extra}")
     print(f"training step: median {med * 1000:.0f} ms over {len(times)} steps "
           f"(min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms)")
     print(f"throughput: {batch / med:.1f} images/s")
