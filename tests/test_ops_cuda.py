@@ -664,11 +664,11 @@ def test_fast_division_is_exact_where_the_kernels_use_it():
     A wrong magic number shows as a bias added to the wrong channel: x = 0 and linear
     activation make the output the bias itself, so every element must equal b[its channel].
     """
-    _host_kernels()
+    module = _host_kernels()
     for c, inner in [(3, 1), (7, 5), (641, 3), (1, 9), (1000, 1), (255, 257)]:
         b = torch.arange(c, dtype=torch.float32) + 1
         x = torch.zeros(2, c, inner)
-        y = cb.load_host_kernels().bias_act(x, b, None, None, 0, 1, 0, 0.0, 1.0, -1.0)
+        y = module.bias_act(x, b, None, None, 0, 1, 0, 0.0, 1.0, -1.0)
         assert torch.equal(y, b.view(1, c, 1).expand_as(x)), (c, inner)
 
 # Tolerances, relative to the largest magnitude of the reference (computed in float32 from the

@@ -100,7 +100,7 @@ def test_classifier_stays_frozen_while_its_gradient_trains_the_generator(tmp_pat
 def _encoder_gradient_of_one_step(tmp_path, *overrides) -> list[torch.Tensor]:
     """E's gradient in the first training step, from identical weights, data and noise."""
     torch.manual_seed(0)
-    cfg, dm, clf = _module_and_data(tmp_path, "model.lr=0", "loss.r1_gamma=0", *overrides)
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.r1_gamma=0", *overrides)
     module = build_module(cfg, dm.num_classes, dm.class_names, clf)
     captured = {}
     original = module._step

@@ -347,11 +347,11 @@ class StylexModule(pl.LightningModule):
         self.log("d", logs["train/loss_d"], prog_bar=True, on_step=True, batch_size=b, logger=False)
 
     # ------------------------------------------------------------------ encoder fit
-    def encoder_reconstruction_loss(self, x: torch.Tensor, generator: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's objective on ``x`` through ``generator`` (default: the EMA generator):
-        the weighted pixel, perceptual and latent terms. Returns (loss, pixel L1)."""
+    def encoder_reconstruction_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's objective on ``x`` through the EMA generator: the weighted pixel,
+        perceptual and latent terms. Returns (loss, pixel L1)."""
         cfg = self.loss_cfg
-        g = self.G_ema if generator is None else generator
+        g = self.G_ema
         with torch.no_grad():
             logits, feats_real = self._classify(x, features=True)
             c = logits.float().softmax(dim=1)
