@@ -55,6 +55,25 @@ def build_networks(model: str, num_classes: int, device: str):
     return g, c, g_kw
 
 
+def exhaustive_timings(args, base: AttFindConfig, ex_images: torch.Tensor, timed, results: dict, dim: int):
+    """Exhaustive search with and without prefix reuse, interleaved; returns its result."""
+    no_reuse = AttFindConfig(batch_size=args.batch_size, reuse_prefix=False)
+    t_ex, t_nr = [], []
+    for _ in range(args.repeats):  # interleaved, so that a change of machine load hits both alike
+        exhaustive, t = timed(base, ex_images)
+        t_ex.append(t)
+        if not args.skip_no_reuse:
+            t_nr.append(timed(no_reuse, ex_images)[1])
+    per_image = min(t_ex) / ex_images.shape[0]
+    results["exhaustive"] = {"images": ex_images.shape[0], "seconds": min(t_ex), "seconds_per_image": per_image,
+                             "edits_per_image": 2 * dim, "repeats": t_ex}
+    print(f"exhaustive, prefix reuse: {per_image:.3f} s/image ({2 * dim / per_image:.0f} edits/s)")
+    if t_nr:
+        results["exhaustive_no_reuse"] = {"seconds_per_image": min(t_nr) / ex_images.shape[0], "repeats": t_nr}
+        print(f"exhaustive, full renders: {min(t_nr) / ex_images.shape[0]:.3f} s/image")
+    return exhaustive
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cpu32", help="model preset (configs/model), ignored with --run")
@@ -62,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-classes", type=int, default=2)
     ap.add_argument("--num-images", type=int, default=64)
     ap.add_argument("--prescreen", type=int, default=16, help="candidate edits per class under pre-screening")
-    ap.add_argument("--exhaustive-images", type=int, default=2, help="images for the exhaustive timing and agreement")
+    ap.add_argument("--exhaustive-images", type=int, default=2, help="images for the exhaustive timing and agreement (0 = skip)")
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--device", default="auto")
@@ -70,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="exhaustive timings repeated; the fastest counts")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.exhaustive_images < 0 or args.num_images < 1 or args.repeats < 1:
+        ap.error("--exhaustive-images must be >= 0 (0 = skip the exhaustive search), --num-images and --repeats >= 1")
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.run is not None:
@@ -104,20 +125,9 @@ def main(argv=None) -> int:
 
     results: dict = {"info": info}
     ex_images = flat[: args.exhaustive_images]
-    no_reuse = AttFindConfig(batch_size=args.batch_size, reuse_prefix=False)
-    t_ex, t_nr = [], []
-    for _ in range(args.repeats):  # interleaved, so that a change of machine load hits both alike
-        exhaustive, t = timed(base, ex_images)
-        t_ex.append(t)
-        if not args.skip_no_reuse:
-            t_nr.append(timed(no_reuse, ex_images)[1])
-    per_image = min(t_ex) / ex_images.shape[0]
-    results["exhaustive"] = {"images": ex_images.shape[0], "seconds": min(t_ex), "seconds_per_image": per_image,
-                             "edits_per_image": 2 * dim, "repeats": t_ex}
-    print(f"exhaustive, prefix reuse: {per_image:.3f} s/image ({2 * dim / per_image:.0f} edits/s)")
-    if t_nr:
-        results["exhaustive_no_reuse"] = {"seconds_per_image": min(t_nr) / ex_images.shape[0], "repeats": t_nr}
-        print(f"exhaustive, full renders: {min(t_nr) / ex_images.shape[0]:.3f} s/image")
+    exhaustive = None
+    if ex_images.shape[0]:
+        exhaustive = exhaustive_timings(args, base, ex_images, timed, results, dim)
 
     screened_cfg = AttFindConfig(batch_size=args.batch_size, prescreen=args.prescreen)
     screened, t_sc = timed(screened_cfg, flat)
@@ -127,10 +137,10 @@ def main(argv=None) -> int:
     print(f"pre-screened ({args.prescreen}/class): {t_sc:.1f} s for {flat.shape[0]} images = "
           f"{t_sc / flat.shape[0]:.3f} s/image, {results['prescreen']['edits_per_image']:.0f} edits/image")
 
-    # Agreement on the same images and targets as the exhaustive search.
-    same, _ = timed(screened_cfg, ex_images)
-    results["agreement"] = agreement(same, exhaustive)
-    print("agreement with the exhaustive search:", json.dumps(results["agreement"]))
+    if exhaustive is not None:  # agreement on the same images and targets as the exhaustive search
+        same, _ = timed(screened_cfg, ex_images)
+        results["agreement"] = agreement(same, exhaustive)
+        print("agreement with the exhaustive search:", json.dumps(results["agreement"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

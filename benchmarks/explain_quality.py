@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--flip-k", type=int, default=10)
     ap.add_argument("--probe-train", type=int, default=2048, help="synthetic scenes the factor probe learns from")
     ap.add_argument("--probe-epochs", type=int, default=10)
+    ap.add_argument("--min-effect", type=float, default=0.25,
+                    help="factor change (in standard deviations) an attribute needs for a main factor")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -82,7 +84,9 @@ def main(argv=None) -> int:
     t_probe = time.perf_counter()
     probe = train_factor_probe(exp.resolution, num_train=args.probe_train, epochs=args.probe_epochs, device=device)
     t_probe = time.perf_counter() - t_probe
-    gt = ground_truth(result, finder.evaluator, probe)
+    gt = ground_truth(result, finder.evaluator, probe, min_effect=args.min_effect)
+    thresholds = sorted({args.min_effect, 0.25, 0.1, 0.05}, reverse=True)
+    sensitivity = {t: gt.scores_at(t) for t in thresholds}
 
     names = exp.class_names
     out = {
@@ -91,6 +95,7 @@ def main(argv=None) -> int:
         "attfind_seconds": result.seconds, "probe_seconds": t_probe,
         "classifier_metrics": exp.meta.get("classifier_metrics"),
         "ground_truth": gt.to_dict(names), "flip_rate": suff.to_dict(),
+        "ground_truth_by_min_effect": {str(t): {"recovery": r, "purity": p} for t, (r, p) in sensitivity.items()},
         "rankings": {names[c]: [a.to_dict() for a in result.rankings[c]] for c in result.classes},
         "total_seconds": time.perf_counter() - t0,
     }
@@ -100,7 +105,9 @@ def main(argv=None) -> int:
     for c in result.classes:
         pc = gt.per_class[c]
         print(f"class '{names[c]}': main factors {pc['factors']}  recovery {pc['recovery']:.2f} purity {pc['purity']:.2f}")
-    print(f"overall: recovery {gt.recovery:.2f}  purity {gt.purity:.2f}")
+    print(f"overall: recovery {gt.recovery:.2f}  purity {gt.purity:.2f}  (main factor: a move of >= {args.min_effect} std)")
+    print("by threshold: " + ", ".join(f">= {t} std: recovery {r:.2f} purity {p:.2f}"
+                                       for t, (r, p) in sensitivity.items()))
     if gt.extra.get("unreadable_causal_factors"):
         print(f"note: the probe cannot read {gt.extra['unreadable_causal_factors']} (R^2 < 0.5), so attributes "
               "changing them cannot be credited; raise --probe-train / --probe-epochs")

@@ -32,6 +32,7 @@ from stylex.explain.callback import ExplainCallback
 from stylex.explain.cli import main
 from stylex.explain.metrics import (
     FactorProbe,
+    GroundTruth,
     apply_edits,
     factor_changes,
     ground_truth,
@@ -277,6 +278,20 @@ def test_recovery_and_purity():
     assert recovery_purity(["exudates", "hue", "exudates", None], causal) == (0.5, 0.5)
     assert recovery_purity(["haemorrhages", "exudates"], causal) == (1.0, 1.0)
     assert recovery_purity(["hue"], causal) == (0.0, 0.0)
+
+
+def test_ground_truth_scores_at_another_threshold_reread_the_main_factors():
+    causal = ["exudates", "haemorrhages"]
+    changes = {0: [{"haemorrhages": 0.2, "hue": 0.1}, {"hue": 0.3, "exudates": 0.05}],
+               1: [{"exudates": 0.12, "hue": 0.04}]}
+    per_class = {c: {"changes": ch} for c, ch in changes.items()}
+    gt = GroundTruth(per_class=per_class, recovery=0.0, purity=0.0, probe_r2={}, readable=["exudates", "hue",
+                     "haemorrhages"], causal=causal)
+    # >= 0.25: only "hue" (0.3) counts; >= 0.1: haemorrhages, hue, exudates; >= 0.01: the same
+    assert gt.scores_at(0.25) == recovery_purity([None, "hue", None], causal) == (0.0, 0.0)
+    assert gt.scores_at(0.1) == (1.0, pytest.approx(2 / 3))
+    gt.readable = ["hue"]  # a factor the probe cannot read is never a main factor
+    assert gt.scores_at(0.01) == (0.0, 0.0)
 
 
 class ChannelProbe(FactorProbe):

@@ -17,6 +17,7 @@ import torch
 from helpers import tiny_cfg
 from stylex.export import load_export
 from stylex.training import losses
+from stylex.training.callbacks import encoder_check_images
 from stylex.training.run import ConfigError, build_datamodule, build_module, train
 
 
@@ -129,12 +130,38 @@ def test_encoder_learns_from_the_reconstruction_terms_only(tmp_path):
     assert max((a - c).abs().max().item() for a, c in zip(base, mixed)) > 1e-4, "KL/adversarial did not reach E"
 
 
+def test_encoder_fit_objective_adds_the_weighted_classifier_kl_of_the_reconstruction(tmp_path):
+    torch.manual_seed(0)
+    cfg, dm, clf = _module_and_data(tmp_path)
+    head = [m for m in clf.modules() if isinstance(m, torch.nn.Linear)][-1]
+    head.weight.data.mul_(100.0)  # a confident classifier, so the KL is far from zero
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    x = next(iter(dm.train_dataloader()))["image"]
+    base, l1 = module.encoder_reconstruction_loss(x)
+    with_kl, l1_again = module.encoder_reconstruction_loss(x, kl_weight=0.3)
+    # independent definition: KL(p || q) = sum p (log p - log q), p = C(x), q = C(G_ema(E(x), p))
+    with torch.no_grad():
+        p = clf(x).softmax(dim=1)
+        q = clf(module.G_ema.generate(module.E(x), p, noise_mode="const")).softmax(dim=1)
+        kl = (p * (p.log() - q.log())).sum(dim=1).mean()
+    assert kl > 1e-3
+    torch.testing.assert_close(l1_again, l1)
+    torch.testing.assert_close(with_kl - base, 0.3 * kl, rtol=1e-4, atol=1e-6)
+
+
 def test_max_steps_counts_training_steps_not_optimiser_steps(tmp_path):
     cfg, dm, clf = _module_and_data(tmp_path)
     module = build_module(cfg, dm.num_classes, dm.class_names, clf)
     trainer = _fit_steps(module, dm, 3, tmp_path)
     assert int(module.g_steps) == 3 and int(module.d_steps) == 3
     assert trainer.global_step == 3
+    # the host copies the training loop reads agree with the saved buffers, and follow a load
+    assert module.count("g_steps") == module.count("d_steps") == 3
+    assert module.count("images_seen") == int(module.images_seen) == 3 * dm.batch_size
+    state = module.state_dict()
+    state["g_steps"], state["images_seen"] = torch.tensor(41), torch.tensor(1000)
+    module.load_state_dict(state)
+    assert module.count("g_steps") == 41 and module.count("images_seen") == 1000 and module.count("d_steps") == 3
 
 
 def test_non_finite_gradient_stops_with_a_clear_message(tmp_path):
@@ -197,18 +224,23 @@ def test_short_run_reduces_reconstruction_and_classifier_kl(tiny_run):
 def test_encoder_fit_after_training_lowers_the_ema_reconstruction_error(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     fit = summary["encoder_fit"]
-    assert fit["steps"] == 40
+    assert fit["steps"] == 40 and fit["kl_weight"] == 0.1
     assert fit["recon_l1_after"] < fit["recon_l1_before"], fit
-    # the export holds the fitted encoder: its reconstruction error is the "after" figure
+    # the export holds the fitted encoder: on the same check images, its reconstruction error and
+    # class agreement are the "after" figures
     exp = load_export(tiny_run)
     cfg = OmegaConf.load(tiny_run / "config.yaml")
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    x = next(iter(dm.val_dataloader()))["image"]
+    x = encoder_check_images(dm.val_dataloader().dataset, fit["check_images"])
+    assert x.shape[0] == fit["check_images"] == min(128, len(dm.val_dataset))
     with torch.no_grad():
         c = exp.classifier(x).softmax(dim=1)
-        err = (exp.generator.generate(exp.encoder(x), c, noise_mode="const") - x).abs().mean().item()
+        x_rec = exp.generator.generate(exp.encoder(x), c, noise_mode="const")
+        err = (x_rec - x).abs().mean().item()
+        agree = (exp.classifier(x_rec).argmax(dim=1) == c.argmax(dim=1)).float().mean().item()
     assert err == pytest.approx(fit["recon_l1_after"], rel=1e-4)
+    assert agree == pytest.approx(fit["agreement_after"], abs=1e-6)
 
 
 def test_run_folder_holds_everything_later_commands_need(tiny_run):
@@ -290,6 +322,7 @@ def test_resume_refuses_to_switch_config_groups(tiny_run):
     ("trainer.precision=16-mixed", "use trainer.precision=bf16-mixed"),
     ("+trainer.max_step=3", "trainer.max_step is not a pytorch_lightning.Trainer argument"),
     ("classifier.arch=resnt18", "classifier: "),
+    ("callbacks.encoder_fit.kl_weight=-1", "callbacks.encoder_fit needs steps >= 0, kl_weight >= 0"),
 ])
 def test_bad_options_are_refused_before_any_training(tmp_path, override, message):
     run_dir = tmp_path / "synthetic" / "bad"

@@ -267,3 +267,13 @@ class ImageDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+def spread_indices(
+    total: int,  # size of the data set
+    count: int,  # how many to take
+) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)`` (all of them when count >= total)."""
+    if count >= total:
+        return list(range(total))
+    return torch.linspace(0, total - 1, count).round().long().unique().tolist()

@@ -25,20 +25,11 @@ import torch
 from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
+from stylex.data.base import spread_indices
 from stylex.explain.attfind import AttFind, AttFindConfig
 from stylex.explain.report import Report, explain_and_report
 
 log = logging.getLogger(__name__)
-
-
-def spread_indices(
-    total: int,  # size of the data set
-    count: int,  # how many to take
-) -> list[int]:
-    """``count`` indices spread evenly over ``range(total)`` (all of them when count >= total)."""
-    if count >= total:
-        return list(range(total))
-    return torch.linspace(0, total - 1, count).round().long().unique().tolist()
 
 
 class ExplainCallback(pl.Callback):

@@ -168,7 +168,7 @@ def validation_images(
     """A spread-out sample of the run's validation split, rebuilt from its dataset config."""
     from hydra.utils import instantiate
 
-    from stylex.explain.callback import spread_indices
+    from stylex.data.base import spread_indices
 
     dcfg = dict(config.get("dataset") or {})
     if "_target_" not in dcfg:

@@ -330,13 +330,22 @@ class GroundTruth:
     probe_r2: dict[str, float]
     readable: list[str]
     causal: list[str]
+    min_effect: float = 0.25  # the threshold the main factors were read with
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def scores_at(self, min_effect: float) -> tuple[float, float]:
+        """Overall (recovery, purity) with every attribute's main factor re-read at another
+        ``min_effect``: how much the figures hang on that threshold."""
+        factors = [main_factor(ch, self.readable, min_effect)
+                   for pc in self.per_class.values() for ch in pc["changes"]]
+        return recovery_purity(factors, self.causal)
 
     def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         name = (lambda c: class_names[c]) if class_names else str
         return {
             "recovery": self.recovery,
             "purity": self.purity,
+            "min_effect": self.min_effect,
             "causal_factors": self.causal,
             "readable_factors": self.readable,
             "probe_r2": self.probe_r2,
@@ -386,7 +395,7 @@ def ground_truth(
     recovery, purity = recovery_purity(everything, causal)
     extra = {"unreadable_causal_factors": missing} if missing else {}
     return GroundTruth(per_class=per_class, recovery=recovery, purity=purity, probe_r2=dict(probe.r2),
-                       readable=readable, causal=causal, extra=extra)
+                       readable=readable, causal=causal, min_effect=float(min_effect), extra=extra)
 
 
 def summarize_curve(values: Sequence[float]) -> float:

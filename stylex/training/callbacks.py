@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from stylex.data.base import spread_indices
 from stylex.export import save_export
 from stylex.utils.io import atomic_write, atomic_write_json
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _is_due(pl_module, every: int) -> bool:
-    return every > 0 and int(pl_module.g_steps) % every == 0
+    return every > 0 and pl_module.count("g_steps") % every == 0
 
 
 class SampleGrid(pl.Callback):
@@ -63,7 +64,7 @@ class SampleGrid(pl.Callback):
     @rank_zero_only
     def write(self, trainer, pl_module) -> Path:
         grid = self.render(trainer, pl_module)
-        step = int(pl_module.g_steps)
+        step = pl_module.count("g_steps")
         path = self.out_dir / f"step_{step:06d}.png"
         atomic_write(path, lambda p: save_image(grid, str(p), format="png"))
         self.last_path = path
@@ -106,7 +107,7 @@ class Exporter(pl.Callback):
         return save_export(
             self.out_dir, pl_module.G_ema, dict(hp.generator), pl_module.E, dict(hp.encoder),
             pl_module.classifier, pl_module.class_names,
-            extra={**self.extra, "g_steps": int(pl_module.g_steps), "images_seen": int(pl_module.images_seen)},
+            extra={**self.extra, "g_steps": pl_module.count("g_steps"), "images_seen": pl_module.count("images_seen")},
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -134,11 +135,11 @@ class Throughput(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._batches += 1
         if self._batches == self.warmup:
-            self._t0, self._n0 = time.perf_counter(), int(pl_module.images_seen)
+            self._t0, self._n0 = time.perf_counter(), pl_module.count("images_seen")
         elif self._t0 is not None:
             dt = time.perf_counter() - self._t0
             if dt > 0:
-                self.images_per_second = (int(pl_module.images_seen) - self._n0) / dt
+                self.images_per_second = (pl_module.count("images_seen") - self._n0) / dt
                 pl_module.log("train/images_per_second", self.images_per_second, on_step=True, prog_bar=False)
 
 
@@ -159,8 +160,8 @@ class Summary(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         summary = {
             **self.extra,
-            "g_steps": int(pl_module.g_steps),
-            "images_seen": int(pl_module.images_seen),
+            "g_steps": pl_module.count("g_steps"),
+            "images_seen": pl_module.count("images_seen"),
             "fit_seconds": round(time.perf_counter() - self._t0, 2),
             "images_per_second": self.throughput.images_per_second if self.throughput else None,
             **metrics,
@@ -179,11 +180,26 @@ class EncoderFit(pl.Callback):
     """When fit ends, trains the encoder alone against the frozen EMA generator (see
     :meth:`StylexModule.fit_encoder_to_ema`), before the last samples, export, checkpoint and
     explanation. Every rank runs the same seeded steps on the full training set, so the
-    replicas stay equal under DDP."""
+    replicas stay equal under DDP.
 
-    def __init__(self, steps: int = 200, lr: float | None = None, seed: int = 0):
+    Args:
+        steps: optimiser steps (0 = off).
+        lr: Adam learning rate (None = the module's encoder learning rate).
+        kl_weight: weight of the classifier KL of the reconstructions in the fit.
+        check_images: validation images, spread over the split, on which the reconstruction
+            error and class agreement are measured before and after.
+        seed: batch order and any randomness of the fit.
+    """
+
+    def __init__(self, steps: int = 200, lr: float | None = None, kl_weight: float = 0.1,
+                 check_images: int = 128, seed: int = 0):
+        if int(steps) < 0 or float(kl_weight) < 0 or int(check_images) < 1:
+            raise ValueError(f"encoder_fit needs steps >= 0, kl_weight >= 0 and check_images >= 1; got "
+                             f"steps={steps}, kl_weight={kl_weight}, check_images={check_images}")
         self.steps = int(steps)
         self.lr = lr
+        self.kl_weight = float(kl_weight)
+        self.check_images = int(check_images)
         self.seed = int(seed)
 
     def on_train_end(self, trainer, pl_module):
@@ -194,16 +210,24 @@ class EncoderFit(pl.Callback):
         loader = torch.utils.data.DataLoader(
             dm.train_dataloader().dataset, batch_size=dm.batch_size, shuffle=True, generator=gen, drop_last=True,
         )
-        check = next(iter(dm.val_dataloader()))["image"]
+        check = encoder_check_images(dm.val_dataloader().dataset, self.check_images)
         lr = float(self.lr if self.lr is not None else pl_module.optim_cfg["lr_e"])
         log.info("fitting the encoder to the EMA generator (%d steps)", self.steps)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            info = pl_module.fit_encoder_to_ema(_endless(loader), self.steps, lr, check)
+            info = pl_module.fit_encoder_to_ema(_endless(loader), self.steps, lr, check, self.kl_weight)
         pl_module.encoder_fit = info
         log.info("encoder fit: reconstruction L1 %.4f -> %.4f, class agreement %.2f -> %.2f, in %.1f s",
                  info["recon_l1_before"], info["recon_l1_after"], info["agreement_before"],
                  info["agreement_after"], info["seconds"])
+
+
+def encoder_check_images(
+    dataset,  # map-style dataset of {"image": [3, R, R], ...}
+    count: int,
+) -> torch.Tensor:  # [min(count, len), 3, R, R]
+    """The images the encoder fit is measured on: ``count`` spread evenly over ``dataset``."""
+    return torch.stack([dataset[i]["image"] for i in spread_indices(len(dataset), count)])
 
 
 class FinalCheckpoint(pl.Callback):

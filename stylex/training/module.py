@@ -85,6 +85,13 @@ def check_loss_config(loss: Mapping[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
+COUNTERS = ("d_steps", "g_steps", "images_seen")
+
+
+def _forget_host_counts(module: "StylexModule", incompatible_keys) -> None:
+    module._host_counts = None
+
+
 class StylexModule(pl.LightningModule):
     """StylEx training. ``classifier`` must be a frozen classifier taking [-1, 1] images."""
 
@@ -122,13 +129,26 @@ class StylexModule(pl.LightningModule):
         self.perceptual_backend = backend
         self.lpips = LPIPSDistance() if backend == "lpips" else None
 
-        # Counters restored on resume (they live in the state dict).
-        self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("g_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("images_seen", torch.zeros((), dtype=torch.long))
+        # Counters restored on resume (they live in the state dict). Reads go through host copies
+        # (``count``), so neither the training step nor a callback waits for the device to read one.
+        for name in COUNTERS:
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
         self.register_buffer("pl_mean", torch.zeros(()))
+        self._host_counts: dict[str, int] | None = None
+        self.register_load_state_dict_post_hook(_forget_host_counts)
 
     # ------------------------------------------------------------------ helpers
+    def count(self, name: str) -> int:
+        """A training counter: ``"g_steps"``, ``"d_steps"`` or ``"images_seen"``."""
+        if self._host_counts is None:  # first read, or after a state dict was loaded
+            self._host_counts = {n: int(getattr(self, n)) for n in COUNTERS}
+        return self._host_counts[name]
+
+    def _advance(self, name: str, by: int) -> None:
+        self.count(name)
+        self._host_counts[name] += by
+        getattr(self, name).add_(by)
+
     @property
     def classifier(self) -> nn.Module:
         return self.C.classifier
@@ -162,11 +182,11 @@ class StylexModule(pl.LightningModule):
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norm = torch.nn.utils.get_total_norm(grads)  # one fused reduction; the check below is the step's sync
         if not torch.isfinite(norm):
             raise NonFiniteGradientError(
-                f"non-finite gradient in the {what} update at step {int(self.g_steps)} "
-                f"(losses: {', '.join(f'{k}={v:.4g}' for k, v in self._last_losses.items())}). "
+                f"non-finite gradient in the {what} update at step {self.count('g_steps')} "
+                f"(losses: {', '.join(f'{k}={float(v):.4g}' for k, v in self._last_losses.items())}). "
                 "Lower the learning rate (model.lr), raise loss.r1_gamma, set model.conv_clamp "
                 "(e.g. 256) or train in full precision (trainer.precision=32)."
             )
@@ -228,14 +248,14 @@ class StylexModule(pl.LightningModule):
         cfg = self.loss_cfg
         x = batch["image"]
         b = x.shape[0]
-        self._last_losses: dict[str, float] = {}
+        self._last_losses: dict[str, torch.Tensor] = {}  # for the message of a non-finite gradient
 
         with torch.no_grad():
             logits_real, feats_real = self._classify(x, features=True)
             c_real = logits_real.float().softmax(dim=1)
         c_noise = self._noise_condition(c_real)
 
-        step = int(self.g_steps)
+        step = self.count("g_steps")
         use_enc = cfg["batch_mode"] == "both" or step % 2 == 0
         use_noise = cfg["batch_mode"] == "both" or step % 2 == 1
 
@@ -255,7 +275,7 @@ class StylexModule(pl.LightningModule):
         fake_logits = torch.cat([self.D(f, c) for f, c in zip(fakes, conds)])
 
         r1_every = cfg["r1_interval"]
-        do_r1 = r1_every > 0 and cfg["r1_gamma"] > 0 and int(self.d_steps) % r1_every == 0
+        do_r1 = r1_every > 0 and cfg["r1_gamma"] > 0 and self.count("d_steps") % r1_every == 0
         if do_r1:
             with self._float32():
                 x_r1 = x.detach().float().requires_grad_(True)
@@ -264,7 +284,7 @@ class StylexModule(pl.LightningModule):
         else:
             real_logits = self.D(x, c_real)
         loss_d = losses.d_logistic_loss(real_logits, fake_logits)
-        self._last_losses["d"] = float(loss_d.detach())
+        self._last_losses["d"] = loss_d.detach()
         if do_r1:
             loss_d = loss_d + r1 * (cfg["r1_gamma"] / 2 * r1_every)
             self.log("train/r1", r1.detach(), on_step=True, prog_bar=False)
@@ -272,7 +292,7 @@ class StylexModule(pl.LightningModule):
         self.manual_backward(loss_d)
         self._check_finite(list(self.D.parameters()), "discriminator")
         self._step(opt_d, counted=False)
-        self.d_steps += 1
+        self._advance("d_steps", 1)
 
         # ---------------------------------------------------------------- generator + encoder
         _requires_grad(self.D, False)
@@ -323,45 +343,54 @@ class StylexModule(pl.LightningModule):
             loss_g = loss_g + pl_pen * (cfg["pl_weight"] * pl_every)
             logs["train/path_length"] = pl_pen.detach()
 
-        self._last_losses.update({k.split("/")[-1]: float(v) for k, v in logs.items()})
+        self._last_losses.update({k.split("/")[-1]: v for k, v in logs.items()})
         opt_g.zero_grad(set_to_none=True)
         opt_e.zero_grad(set_to_none=True)
         self.manual_backward(loss_g if encoder_surrogate is None else loss_g + encoder_surrogate)
         self._check_finite(list(self.G.parameters()) + list(self.E.parameters()), "generator/encoder")
         self._step(opt_e, counted=False)
         self._step(opt_g, counted=True)
-        self.g_steps += 1
+        self._advance("g_steps", 1)
         _requires_grad(self.D, True)
 
         # ---------------------------------------------------------------- EMA
         world = self.trainer.world_size if self.trainer is not None else 1
-        self.images_seen += b * world
-        beta = ema_beta(b * world, int(self.images_seen), self.hparams.ema_kimg, self.hparams.ema_rampup)
+        self._advance("images_seen", b * world)
+        beta = ema_beta(b * world, self.count("images_seen"), self.hparams.ema_kimg, self.hparams.ema_rampup)
         update_ema(self.G_ema, self.G, beta)
 
         logs["train/loss_g"] = loss_g.detach()
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=b)
-        self.log("g_step", self.g_steps.float(), on_step=True, prog_bar=False, batch_size=b)
+        self.log("g_step", float(self.count("g_steps")), on_step=True, prog_bar=False, batch_size=b)
         if use_enc:
             self.log("rec", logs["train/rec_l1"], prog_bar=True, on_step=True, batch_size=b, logger=False)
         self.log("d", logs["train/loss_d"], prog_bar=True, on_step=True, batch_size=b, logger=False)
 
     # ------------------------------------------------------------------ encoder fit
-    def encoder_reconstruction_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoder_reconstruction_loss(
+        self,
+        x: torch.Tensor,  # [B, 3, R, R] real images
+        kl_weight: float = 0.0,  # weight of KL(C(x) || C(x_rec)) added to the reconstruction terms
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's objective on ``x`` through the EMA generator: the weighted pixel,
-        perceptual and latent terms. Returns (loss, pixel L1)."""
+        perceptual and latent terms, plus ``kl_weight`` times the classifier KL of the
+        reconstruction. Returns (loss, pixel L1)."""
         cfg = self.loss_cfg
         g = self.G_ema
+        perceptual = cfg["perceptual"] > 0
         with torch.no_grad():
-            logits, feats_real = self._classify(x, features=True)
+            logits, feats_real = self._classify(x, features=perceptual)
             c = logits.float().softmax(dim=1)
         w = self.E(x)
         x_rec = g.generate(w, c, noise_mode="const")
         rec_l1 = losses.l1(x_rec.float(), x.float())
         loss = cfg["rec_l1"] * rec_l1
-        if cfg["perceptual"] > 0:
-            _, feats_rec = self._classify(x_rec, features=True)
-            loss = loss + cfg["perceptual"] * self._perceptual(x_rec, x, feats_rec, feats_real)
+        if perceptual or kl_weight > 0:
+            logits_rec, feats_rec = self._classify(x_rec, features=perceptual)
+            if perceptual:
+                loss = loss + cfg["perceptual"] * self._perceptual(x_rec, x, feats_rec, feats_real)
+            if kl_weight > 0:
+                loss = loss + kl_weight * losses.classifier_kl(c, logits_rec)
         if cfg["latent_l1"] > 0:
             loss = loss + cfg["latent_l1"] * losses.l1(self.E(x_rec).float(), w.float())
         return loss, rec_l1
@@ -371,22 +400,29 @@ class StylexModule(pl.LightningModule):
         batches: Iterator[Mapping[str, torch.Tensor]],  # endless training batches
         steps: int,
         lr: float,
-        check: torch.Tensor,  # [B, 3, R, R] images to measure the reconstruction on
+        check: torch.Tensor,  # [N, 3, R, R] images to measure the reconstruction on
+        kl_weight: float = 0.0,  # classifier-KL weight in the fit (see encoder_reconstruction_loss)
     ) -> dict[str, float]:
         """Train the encoder alone against the frozen EMA generator for ``steps`` steps.
 
         Joint training pairs E with the live generator, while reconstructions, the export and
         AttFind use the EMA generator; early in training the two differ enough that E(x) misses
         its image under the EMA weights. A short fit at the end makes the exported pair agree.
+        Fitted to pixels alone, E(x) can override the class vector and reconstruct every image
+        in one class; a small ``kl_weight`` keeps the reconstructions in the class of their
+        originals.
         """
-        check = check.to(self.device)
 
         def measure() -> tuple[float, float]:
             """(pixel L1, share of reconstructions the classifier puts in the class of the original)."""
+            l1_sum, agree_sum = 0.0, 0.0
             with torch.no_grad():
-                x_rec, c = self.reconstruct(check)
-                agree = (self.classifier(x_rec).argmax(dim=1) == c.argmax(dim=1)).float().mean()
-                return float(losses.l1(x_rec.float(), check.float())), float(agree)
+                for i in range(0, check.shape[0], 64):
+                    x = check[i : i + 64].to(self.device)
+                    x_rec, c = self.reconstruct(x)
+                    agree_sum += float((self.classifier(x_rec).argmax(dim=1) == c.argmax(dim=1)).float().sum())
+                    l1_sum += float((x_rec.float() - x.float()).abs().sum()) / x[0].numel()
+            return l1_sum / check.shape[0], agree_sum / check.shape[0]
 
         before = measure()
         start = time.perf_counter()
@@ -397,13 +433,14 @@ class StylexModule(pl.LightningModule):
         with torch.enable_grad():
             for _ in range(int(steps)):
                 x = next(batches)["image"].to(self.device)
-                loss, _ = self.encoder_reconstruction_loss(x)
+                loss, _ = self.encoder_reconstruction_loss(x, kl_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         self.E.train(was_training)
         after = measure()
-        return {"steps": int(steps), "recon_l1_before": before[0], "recon_l1_after": after[0],
+        return {"steps": int(steps), "kl_weight": float(kl_weight), "check_images": int(check.shape[0]),
+                "recon_l1_before": before[0], "recon_l1_after": after[0],
                 "agreement_before": before[1], "agreement_after": after[1],
                 "seconds": round(time.perf_counter() - start, 2)}
 

@@ -161,6 +161,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from e
     if loss["perceptual"] > 0:
         cfg.loss.perceptual_backend = resolve_backend(loss["perceptual_backend"])
+    _encoder_fit_callback(cfg)
+
+
+def _encoder_fit_callback(cfg: DictConfig):
+    from stylex.training.callbacks import EncoderFit
+
+    fit = (cfg.get("callbacks") or {}).get("encoder_fit") or {}
+    try:
+        return EncoderFit(steps=int(fit.get("steps", 0)), lr=fit.get("lr"), kl_weight=float(fit.get("kl_weight", 0.0)),
+                          check_images=int(fit.get("check_images", 128)), seed=int(cfg.seed))
+    except ValueError as e:
+        raise ConfigError(f"callbacks.{e}") from e
 
 
 # ---------------------------------------------------------------------------------------- builders
@@ -279,10 +291,9 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], clas
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, extra: dict) -> list[pl.Callback]:
     from stylex.explain.callback import ExplainCallback
-    from stylex.training.callbacks import EncoderFit, Exporter, FinalCheckpoint, SampleGrid, Summary, Throughput
+    from stylex.training.callbacks import Exporter, FinalCheckpoint, SampleGrid, Summary, Throughput
 
     cb = cfg.callbacks
-    fit = cb.get("encoder_fit") or {}
     throughput = Throughput()
     bar = [TQDMProgressBar(refresh_rate=int(cb.progress_bar.refresh_rate))] if cfg.trainer.get(
         "enable_progress_bar", True) else []
@@ -293,7 +304,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, extra: dict) -> list[pl.Call
             monitor="g_step", mode="max", save_last=True, save_on_train_epoch_end=False,
         ),
         # First of the end-of-fit work: the last samples, export and checkpoint hold the fitted encoder.
-        EncoderFit(steps=int(fit.get("steps", 0)), lr=fit.get("lr"), seed=int(cfg.seed)),
+        _encoder_fit_callback(cfg),
         SampleGrid(run_dir / "samples", every_n_steps=int(cb.samples.every_n_steps),
                    num_images=int(cb.samples.num_images), seed=int(cfg.seed)),
         Exporter(run_dir / "export", extra=extra, every_n_steps=int(cb.export.every_n_steps)),
