@@ -1,6 +1,7 @@
 """Training throughput of a StylEx preset, in images per second.
 
     python benchmarks/train_bench.py [--model cpu32] [--steps 30] [--warmup 5] [--precision 32-true]
+                                     [--override ops_impl=cuda] [--override key=value ...]
 
 Builds the preset's networks with an untrained frozen classifier of the preset's architecture
 (throughput does not depend on its weights), runs whole training steps (discriminator with its
@@ -24,6 +25,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from stylex.classifier import build_classifier  # noqa: E402
+from stylex.ops import set_default_impl  # noqa: E402
 from stylex.training.run import build_datamodule, build_module  # noqa: E402
 
 
@@ -32,10 +34,17 @@ class StepTimer(pl.Callback):
         self.times: list[float] = []
         self._t = 0.0
 
+    @staticmethod
+    def _sync(pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._sync(pl_module)
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sync(pl_module)
         self.times.append(time.perf_counter() - self._t)
 
 
@@ -60,6 +69,7 @@ def main(argv=None) -> None:
     overrides += args.override
     with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "configs")):
         cfg = compose(config_name="train", overrides=overrides)
+    set_default_impl(str(cfg.get("ops_impl", "auto")))
     dm = build_datamodule(cfg)
     dm.setup("fit")
     clf = build_classifier(OmegaConf.to_container(cfg.classifier, resolve=True), dm.num_classes).freeze()
@@ -77,7 +87,8 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.accelerator != "cpu" else (
         f"CPU, {torch.get_num_threads()} threads")
     extra = f" overrides={' '.join(args.override)}" if args.override else ""
-    print(f"model={args.model} batch={batch} precision={args.precision} device={device}{extra}")
+    print(f"model={args.model} batch={batch} precision={args.precision} ops_impl={cfg.get('ops_impl', 'auto')} "
+          f"device={device}{extra}")
     print(f"training step: median {med * 1000:.0f} ms over {len(times)} steps "
           f"(min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms)")
     print(f"throughput: {batch / med:.1f} images/s")
