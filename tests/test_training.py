@@ -241,6 +241,9 @@ def test_encoder_fit_after_training_lowers_the_ema_reconstruction_error(tiny_run
         agree = (exp.classifier(x_rec).argmax(dim=1) == c.argmax(dim=1)).float().mean().item()
     assert err == pytest.approx(fit["recon_l1_after"], rel=1e-4)
     assert agree == pytest.approx(fit["agreement_after"], abs=1e-6)
+    # the loggers received the same figures
+    assert _metric_series(tiny_run, "encoder_fit/recon_l1_after") == [pytest.approx(fit["recon_l1_after"])]
+    assert _metric_series(tiny_run, "encoder_fit/agreement_before") == [pytest.approx(fit["agreement_before"])]
 
 
 def test_run_folder_holds_everything_later_commands_need(tiny_run):

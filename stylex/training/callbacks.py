@@ -220,6 +220,11 @@ class EncoderFit(pl.Callback):
         log.info("encoder fit: reconstruction L1 %.4f -> %.4f, class agreement %.2f -> %.2f, in %.1f s",
                  info["recon_l1_before"], info["recon_l1_after"], info["agreement_before"],
                  info["agreement_after"], info["seconds"])
+        # self.log is closed once fit ends; the loggers take the figures directly (rank zero only).
+        figures = {f"encoder_fit/{k}": float(info[k]) for k in
+                   ("recon_l1_before", "recon_l1_after", "agreement_before", "agreement_after")}
+        for logger in trainer.loggers:
+            logger.log_metrics(figures, step=trainer.global_step)
 
 
 def encoder_check_images(
