@@ -287,7 +287,7 @@ def test_ground_truth_scores_at_another_threshold_reread_the_main_factors():
     per_class = {c: {"changes": ch} for c, ch in changes.items()}
     gt = GroundTruth(per_class=per_class, recovery=0.0, purity=0.0, probe_r2={}, readable=["exudates", "hue",
                      "haemorrhages"], causal=causal)
-    # >= 0.25: only "hue" (0.3) counts; >= 0.1: haemorrhages, hue, exudates; >= 0.01: the same
+    # >= 0.25: only "hue" (0.3) counts; >= 0.1: haemorrhages, hue and exudates
     assert gt.scores_at(0.25) == recovery_purity([None, "hue", None], causal) == (0.0, 0.0)
     assert gt.scores_at(0.1) == (1.0, pytest.approx(2 / 3))
     gt.readable = ["hue"]  # a factor the probe cannot read is never a main factor
