@@ -149,6 +149,29 @@ def test_encoder_fit_objective_adds_the_weighted_classifier_kl_of_the_reconstruc
     torch.testing.assert_close(with_kl - base, 0.3 * kl, rtol=1e-4, atol=1e-6)
 
 
+def test_validation_reports_the_ema_and_the_live_generator_pairing(tmp_path):
+    torch.manual_seed(0)
+    cfg, dm, clf = _module_and_data(tmp_path)
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf).eval()
+    with torch.no_grad():  # a live generator that has moved away from its EMA copy
+        for p in module.G.synthesis.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = next(iter(dm.val_dataloader()))["image"]
+    figures = module.reconstruction_figures(x)
+    with torch.no_grad():
+        p = clf(x).softmax(dim=1)
+        for suffix, g in (("", module.G_ema), ("_live", module.G)):
+            x_rec = g.generate(module.E(x), p, noise_mode="const")
+            logits = clf(x_rec)
+            torch.testing.assert_close(figures[f"val/recon_l1{suffix}"], (x_rec - x).abs().mean())
+            torch.testing.assert_close(figures[f"val/agreement{suffix}"],
+                                       (logits.argmax(1) == p.argmax(1)).float().mean())
+            q = logits.softmax(dim=1)
+            torch.testing.assert_close(figures[f"val/kl_rec{suffix}"], (p * (p.log() - q.log())).sum(1).mean(),
+                                       rtol=1e-4, atol=1e-6)
+    assert abs(float(figures["val/recon_l1"] - figures["val/recon_l1_live"])) > 1e-3
+
+
 def test_max_steps_counts_training_steps_not_optimiser_steps(tmp_path):
     cfg, dm, clf = _module_and_data(tmp_path)
     module = build_module(cfg, dm.num_classes, dm.class_names, clf)
@@ -225,6 +248,7 @@ def test_encoder_fit_after_training_lowers_the_ema_reconstruction_error(tiny_run
     summary = json.loads((tiny_run / "summary.json").read_text())
     fit = summary["encoder_fit"]
     assert fit["steps"] == 40 and fit["kl_weight"] == 0.1
+    assert {"val/recon_l1", "val/agreement", "val/recon_l1_live", "val/agreement_live"} <= set(summary)
     assert fit["recon_l1_after"] < fit["recon_l1_before"], fit
     # the export holds the fitted encoder: on the same check images, its reconstruction error and
     # class agreement are the "after" figures
