@@ -416,12 +416,11 @@ class StylexModule(pl.LightningModule):
         def measure() -> tuple[float, float]:
             """(pixel L1, share of reconstructions the classifier puts in the class of the original)."""
             l1_sum, agree_sum = 0.0, 0.0
-            with torch.no_grad():
-                for i in range(0, check.shape[0], 64):
-                    x = check[i : i + 64].to(self.device)
-                    x_rec, c = self.reconstruct(x)
-                    agree_sum += float((self.classifier(x_rec).argmax(dim=1) == c.argmax(dim=1)).float().sum())
-                    l1_sum += float((x_rec.float() - x.float()).abs().sum()) / x[0].numel()
+            for i in range(0, check.shape[0], 64):
+                x = check[i : i + 64].to(self.device)
+                figures = self.reconstruction_figures(x, live=False)
+                l1_sum += float(figures["val/recon_l1"]) * x.shape[0]
+                agree_sum += float(figures["val/agreement"]) * x.shape[0]
             return l1_sum / check.shape[0], agree_sum / check.shape[0]
 
         before = measure()
@@ -452,7 +451,12 @@ class StylexModule(pl.LightningModule):
         return self.G_ema.generate(self.E(x), c, noise_mode=noise_mode), c
 
     @torch.no_grad()
-    def reconstruction_figures(self, x: torch.Tensor, noise_mode: str = "const") -> dict[str, torch.Tensor]:
+    def reconstruction_figures(
+        self,
+        x: torch.Tensor,  # [B, 3, R, R]
+        noise_mode: str = "const",
+        live: bool = True,  # also through the live generator
+    ) -> dict[str, torch.Tensor]:
         """Reconstruction of ``x`` through the EMA generator (``val/*``, what the export and
         AttFind use) and through the live generator (``val/*_live``, the pairing training
         optimises): pixel L1, class agreement with the original, and classifier KL. The two
@@ -460,7 +464,8 @@ class StylexModule(pl.LightningModule):
         c = self.classifier(x).float().softmax(dim=1)
         w = self.E(x)
         out = {}
-        for suffix, g in (("", self.G_ema), ("_live", self.G)):
+        pairings = (("", self.G_ema), ("_live", self.G)) if live else (("", self.G_ema),)
+        for suffix, g in pairings:
             x_rec = g.generate(w, c, noise_mode=noise_mode)
             logits_rec = self.classifier(x_rec)
             out[f"val/recon_l1{suffix}"] = losses.l1(x_rec.float(), x.float())

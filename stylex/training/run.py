@@ -168,9 +168,9 @@ def _encoder_fit_callback(cfg: DictConfig):
     from stylex.training.callbacks import EncoderFit
 
     fit = (cfg.get("callbacks") or {}).get("encoder_fit") or {}
+    options = {k: fit[k] for k in ("steps", "lr", "kl_weight", "check_images") if k in fit}  # else EncoderFit's defaults
     try:
-        return EncoderFit(steps=int(fit.get("steps", 0)), lr=fit.get("lr"), kl_weight=float(fit.get("kl_weight", 0.0)),
-                          check_images=int(fit.get("check_images", 128)), seed=int(cfg.seed))
+        return EncoderFit(**options, seed=int(cfg.seed))
     except ValueError as e:
         raise ConfigError(f"callbacks.{e}") from e
 
