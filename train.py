@@ -5,6 +5,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from stylex.config import register
+
+register()  # the schemas configs/ is built on
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from stylex.classifier import build_classifier  # noqa: E402
-from stylex.explain.attfind import AttFind, AttFindConfig, agreement  # noqa: E402
+from stylex.explain.attfind import AttFind, AttFindConfig  # noqa: E402
+from stylex.explain.metrics import agreement  # noqa: E402
 from stylex.networks import Generator  # noqa: E402
 from stylex.training.run import network_kwargs  # noqa: E402
 

@@ -17,7 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from stylex.training.run import build_datamodule, get_classifier  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from stylex.classifier import prepare_classifier  # noqa: E402
+from stylex.training.run import build_datamodule, trainer_kwargs  # noqa: E402
 
 
 def main(overrides: list[str]) -> None:
@@ -27,7 +30,8 @@ def main(overrides: list[str]) -> None:
     dm.prepare_data()
     dm.setup("fit")
     with tempfile.TemporaryDirectory() as tmp:
-        _, metrics = get_classifier(cfg, dm, Path(tmp), loggers=[])
+        section = OmegaConf.to_container(cfg.classifier, resolve=True)
+        _, metrics = prepare_classifier(section, dm, Path(tmp) / "classifier", trainer_kwargs(cfg), loggers=[])
     c = cfg.classifier
     print(f"dataset={cfg.dataset.name} classes={dm.num_classes} resolution={cfg.model.resolution} "
           f"arch={c.arch} epochs={c.train.max_epochs} batch={c.train.batch_size or cfg.model.batch_size}")

@@ -9,7 +9,7 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
 
 - recovery and purity of the class rankings against the known causal factors (exudates,
   haemorrhages), with the factor read off the renders by a probe trained on synthetic scenes
-  (:mod:`stylex.explain.metrics`); the probe's held-out R^2 per factor is printed too, since a
+  (:mod:`stylex.explain.factors`); the probe's held-out R^2 per factor is printed too, since a
   factor it cannot read cannot be credited;
 - the flip rate against k for AttFind's image rankings and the two classifier-free baselines.
 
@@ -32,8 +32,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from stylex.explain.attfind import AttFind, AttFindConfig  # noqa: E402
-from stylex.explain.cli import find_latest_run, run_config, validation_images  # noqa: E402
-from stylex.explain.metrics import ground_truth, sufficiency, train_factor_probe  # noqa: E402
+from stylex.explain.factors import ground_truth, train_factor_probe  # noqa: E402
+from stylex.explain.inputs import latest_export_run as find_latest_run  # noqa: E402
+from stylex.explain.inputs import run_config, validation_images  # noqa: E402
+from stylex.explain.metrics import sufficiency  # noqa: E402
 from stylex.export import load_export  # noqa: E402
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from stylex.ops import bias_act, downsample2d, filter2d, set_default_impl, setup_filter, upsample2d
-from stylex.ops import cuda_build
+from stylex.ops import dispatch
+from stylex.ops._build import BuildError
 
 
 @dataclass
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print("No CUDA GPU is visible: the fused ops run on CUDA only, so there is nothing to benchmark here.")
         return 0
     try:
-        cuda_build.load_extension()
-    except cuda_build.BuildError as err:
+        dispatch.extension()
+    except BuildError as err:
         print(f"The fused CUDA ops could not be built, so there is nothing to compare:\n{err}")
         return 1
     # Same matmul/convolution precision for both paths.

@@ -1,5 +1,6 @@
 // Python bindings of the fused kernels: argument checks, memory layouts and the choice of kernel.
-// The autograd rules live in stylex/ops/cuda_build.py; these functions are plain forward maps.
+// The autograd rules live next to each op's reference (stylex/ops/upfirdn2d.py, bias_act.py); these
+// functions are plain forward maps.
 
 // Narrow includes keep the compile short: torch/extension.h brings the whole C++ frontend, and
 // ATen/cuda/CUDAContext.h brings cuBLAS and cuSPARSE headers, which a minimal toolkit lacks.

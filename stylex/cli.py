@@ -22,13 +22,15 @@ def run_training(cfg: DictConfig) -> None:
     errors end the program with their message and exit status 2, not a traceback."""
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    from stylex.training.run import ConfigError, _is_rank_zero, train
+    from stylex.errors import UsageError
+    from stylex.training.run import train
+    from stylex.utils.dist import is_rank_zero
 
     logging.getLogger("stylex").setLevel(logging.INFO)
     try:
         run_dir = train(cfg, _overrides())
-    except (ConfigError, FileNotFoundError, MisconfigurationException) as e:
+    except (UsageError, FileNotFoundError, MisconfigurationException) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if _is_rank_zero():
+    if is_rank_zero():
         print(run_dir.resolve(), flush=True)

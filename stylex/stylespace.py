@@ -19,12 +19,21 @@ Typical use::
 Prefix reuse: ``render(flat, cache={})`` records the synthesis state entering each layer; a
 later ``render(edited, from_layer=space.first_layer(coords), cache=cache)`` re-runs only the
 layers from the earliest edited one on (see :mod:`stylex.networks.synthesis`).
+:meth:`StyleSpace.cache_rows` picks the cached state of some of the rendered images, so that
+edits of different images share one resumed render.
+
+Looking inside a render (the shape of netdissect's ``nethook``): within
+``with space.trace(retain=["b8.conv1"], edit={"b16.conv0": fn}) as seen:`` every render keeps
+the output of ``b8.conv1`` in ``seen["b8.conv1"]`` (``[B, C, H, W]``) and replaces the output of
+``b16.conv0`` by ``fn(output)``. Layers are addressed by their style-layer names; a conv layer's
+output is the feature map the next layer's style modulates.
 """
 
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Mapping, Sequence, Union
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 
@@ -205,6 +214,67 @@ class StyleSpace:
         if isinstance(styles, torch.Tensor):
             styles = self.unflatten(styles)
         return self.generator.synthesize(styles, noise_mode=noise_mode, from_layer=from_layer, cache=cache)
+
+    def cache_rows(
+        self,
+        cache: Mapping[str, SynthesisState],  # filled by render(flat, cache={})
+        layer: str,  # where the resumed render starts
+        rows: torch.Tensor,  # [M] int64: which cached image each row of the resumed render edits
+    ) -> dict[str, SynthesisState]:  # a cache holding only ``layer``, with batch M
+        """The state entering ``layer`` of the cached images ``rows``, for
+        ``render(edited, from_layer=layer, cache=...)`` where row j of ``edited`` edits image
+        ``rows[j]`` of the cached render at ``layer`` or later."""
+        if layer not in cache:
+            raise ValueError(f"the cache holds no state entering {layer!r}; fill it with a full render first")
+        x, img = cache[layer]
+        return {layer: SynthesisState(x[rows], None if img is None else img[rows])}
+
+    # ---- looking inside a render ---------------------------------------------------------
+
+    @contextmanager
+    def trace(
+        self,
+        retain: Iterable[str] = (),  # layers whose output every render keeps
+        edit: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,  # layer -> new output
+    ) -> Iterator[dict[str, torch.Tensor]]:  # layer -> its output in the latest render [B, C, H, W]
+        """Keep or replace the outputs of synthesis layers during every render in the block.
+
+        Built on forward hooks of the layer modules, removed on exit: the generator is never
+        changed. ``edit`` functions get the layer's output and return a tensor of the same shape
+        (e.g. zeroing some channels, or setting them inside a region); a retained layer that is
+        also edited keeps the edited output. A resumed render (prefix reuse) runs only the
+        layers from its start on, so only those are retained.
+        """
+        edit = dict(edit or {})
+        retain = list(retain)
+        for name in [*retain, *edit]:
+            self._check_layer(name)
+        modules = dict(self.generator.synthesis.named_layers())
+        seen: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def hook_for(name: str):
+            def hook(module, inputs, output):
+                if name in edit:
+                    new = edit[name](output)
+                    if not isinstance(new, torch.Tensor) or new.shape != output.shape:
+                        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                        raise ValueError(f"the edit of {name!r} must return a tensor of shape "
+                                         f"{tuple(output.shape)}, got {got}")
+                    output = new
+                if name in retain:
+                    seen[name] = output
+                return output
+
+            return hook
+
+        try:
+            for name in dict.fromkeys([*retain, *edit]):
+                handles.append(modules[name].register_forward_hook(hook_for(name)))
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
 
     # ---- editing and statistics ----------------------------------------------------------
 

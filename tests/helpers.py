@@ -35,6 +35,9 @@ TINY = [
 
 
 def compose_cfg(overrides: list[str]):
+    from stylex.config import register
+
+    register()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
         return compose(config_name="train", overrides=overrides)
 

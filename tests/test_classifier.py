@@ -1,8 +1,10 @@
-"""The classifier: freezing, preprocessing, saving/loading, errors and its training stage."""
+"""The classifier: freezing, preprocessing, saving/loading, errors, its training stage and the
+stage policy (checkpoint, this run's earlier stage, or train now)."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -12,17 +14,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-import stylex.classifier as clf_mod
+import stylex.classifier.model as model_mod
+import stylex.classifier.stage as stage_mod
 from stylex.classifier import (
     Classifier,
+    ClassifierConfig,
     ClassifierModule,
+    ClassifierTraining,
     build_classifier,
     flip_and_shift,
     inverse_frequency_weights,
+    prepare_classifier,
     train_classifier,
 )
+from stylex.errors import ConfigError
+
+from helpers import CONFIGS
 
 # timm's tiny test network: BatchNorm, ImageNet mean/std (not 0.5, so normalisation is visible).
 TINY = "test_efficientnet"
@@ -198,14 +208,14 @@ def test_offline_pretrained_download_explains_the_alternatives(monkeypatch):
             raise OSError("Name or service not known")
         raise AssertionError("only the pretrained call should reach timm here")
 
-    monkeypatch.setattr(clf_mod.timm, "create_model", offline)
+    monkeypatch.setattr(model_mod.timm, "create_model", offline)
     with pytest.raises(RuntimeError, match=r"could not be fetched.*classifier.checkpoint=<file>.*classifier.pretrained=false"):
         Classifier(TINY, 2, pretrained=True)
 
     def bad_kwarg(*args, **kwargs):
         raise TypeError("unexpected keyword argument 'foo'")
 
-    monkeypatch.setattr(clf_mod.timm, "create_model", bad_kwarg)
+    monkeypatch.setattr(model_mod.timm, "create_model", bad_kwarg)
     with pytest.raises(TypeError, match="foo"):  # not a download problem: not disguised as one
         Classifier(TINY, 2, pretrained=True, foo=1)
 
@@ -297,15 +307,18 @@ class _PlantedDataModule(pl.LightningDataModule):
     num_classes = 2
     class_names = ["bottom brighter", "top brighter"]
 
-    def __init__(self):
+    def __init__(self, num_train: int = 384, num_val: int = 128):
         super().__init__()
-        self.train_set, self.val_set = _Planted(384, seed=0), _Planted(128, seed=1)
+        self.train_set, self.val_set = _Planted(num_train, seed=0), _Planted(num_val, seed=1)
+        self.batch_size = 32  # the GAN's batch size; the classifier stage may set its own
+        self.train_batch_sizes: list[int] = []  # batch size in force at each train_dataloader()
 
     def train_labels(self) -> torch.Tensor:
         return self.train_set.labels
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=32, shuffle=True, drop_last=True)
+        self.train_batch_sizes.append(self.batch_size)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=64)
@@ -350,3 +363,123 @@ def test_train_classifier_learns_a_planted_rule_and_saves_a_frozen_classifier(tm
     saved = Classifier.load(tmp_path / "classifier.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(saved(dm.val_set.images[:8]), trained(dm.val_set.images[:8]))
+
+
+# ------------------------------------------------------------------------------- stage policy
+_STAGE_TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "max_steps": 3}
+
+
+def test_prepare_classifier_uses_the_configured_checkpoint(tmp_path):
+    ckpt = tmp_path / "given.safetensors"
+    given = tiny(num_classes=2).eval()
+    given.save(ckpt)
+    out_dir = tmp_path / "classifier"
+    torch.manual_seed(1)  # another classifier saved by an earlier stage: the checkpoint wins over it
+    Classifier(TINY, 2).save(out_dir / "classifier.safetensors")
+    dm = _PlantedDataModule(num_train=64, num_val=32)
+
+    clf, metrics = prepare_classifier({"arch": TINY, "checkpoint": str(ckpt)}, dm, out_dir, _STAGE_TRAINER, [])
+    assert metrics == {"source": str(ckpt)}
+    assert clf.frozen and not clf.training
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(clf(x), given(x))
+    assert dm.batch_size == 32 and dm.train_batch_sizes == []
+
+
+def test_prepare_classifier_trains_once_then_reuses_the_saved_classifier(tmp_path, monkeypatch):
+    pl.seed_everything(0, verbose=False)
+    dm = _PlantedDataModule(num_train=256, num_val=64)
+    out_dir = tmp_path / "classifier"
+    config = {"arch": "test_resnet", "train": {"max_epochs": 1, "lr": 3e-3, "balanced_loss": True, "batch_size": 64}}
+
+    clf, metrics = prepare_classifier(config, dm, out_dir, _STAGE_TRAINER, [])
+    saved = out_dir / "classifier.safetensors"
+    written = json.loads((out_dir / "classifier_metrics.json").read_text())
+    assert set(written) == {"val_acc", "val_balanced_acc", "epochs", "seconds"} and written["epochs"] == 1
+    assert metrics == {"source": str(saved), **written}
+    assert clf.frozen and not clf.training
+    assert dm.train_batch_sizes == [64], "the stage did not train with classifier.train.batch_size"
+    assert dm.batch_size == 32, "the data module's batch size was not restored"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the classifier was trained again although this run saved one")
+
+    monkeypatch.setattr(stage_mod, "train_classifier", no_training)
+    again, metrics_again = prepare_classifier(config, dm, out_dir, _STAGE_TRAINER, [])
+    assert metrics_again == metrics
+    assert again.frozen and not again.training
+    x = dm.val_set.images[:8]
+    with torch.no_grad():
+        assert torch.equal(again(x), clf(x))
+    assert dm.train_batch_sizes == [64] and dm.batch_size == 32
+
+
+def test_prepare_classifier_hands_the_stage_its_options_and_restores_the_batch_size(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(classifier, datamodule, out_dir, trainer_kwargs, **options):
+        seen.update(options, trainer_kwargs=trainer_kwargs, batch_size=datamodule.batch_size, out_dir=out_dir)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(stage_mod, "train_classifier", fake_train)
+    dm = _PlantedDataModule(num_train=64, num_val=32)
+    main_run = {"accelerator": "cpu", "strategy": "ddp_find_unused_parameters_true", "max_steps": 100}
+    config = ClassifierConfig(arch=TINY, train=ClassifierTraining(max_epochs=2, batch_size=16))
+    with pytest.raises(RuntimeError, match="stop here"):
+        prepare_classifier(config, dm, tmp_path, main_run, [])
+    assert dm.batch_size == 32, "the data module's batch size was not restored after a failure"
+    assert seen["batch_size"] == 16 and seen["out_dir"] == tmp_path
+    # Every classifier parameter gets a gradient, so DDP need not look for unused ones.
+    assert seen["trainer_kwargs"]["strategy"] == "ddp"
+    assert main_run["strategy"] == "ddp_find_unused_parameters_true", "the caller's options were modified"
+    defaults = ClassifierTraining()
+    assert {k: seen[k] for k in ("max_epochs", "lr", "weight_decay", "balanced_loss", "augment")} == {
+        "max_epochs": 2,
+        "lr": defaults.lr,
+        "weight_decay": defaults.weight_decay,
+        "balanced_loss": defaults.balanced_loss,
+        "augment": defaults.augment,
+    }
+    assert seen["logger"] is None  # no loggers: the stage logs nothing
+
+
+def test_classifier_training_rejects_zero_epochs():
+    with pytest.raises(ConfigError, match=re.escape("classifier.train.max_epochs must be >= 1, got 0")):
+        ClassifierTraining(max_epochs=0)
+
+
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        ({"max_epochs": 0}, "classifier.train.max_epochs must be >= 1, got 0"),
+        ({"lr": 0}, "classifier.train.lr must be > 0"),
+        ({"weight_decay": -0.1}, "classifier.train.weight_decay must be >= 0"),
+        ({"batch_size": 0}, "classifier.train.batch_size must be >= 1, got 0"),
+        ({"balanced_loss": "false"}, "classifier.train.balanced_loss must be true or false"),
+        ({"max_epoch": 3}, "classifier.train.max_epoch is not an option"),
+    ],
+)
+def test_classifier_config_names_the_bad_option(tmp_path, train, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ClassifierConfig.from_mapping({"arch": TINY, "train": train})
+    with pytest.raises(ConfigError, match=re.escape(message)):  # the stage checks a mapping the same way
+        prepare_classifier({"arch": TINY, "train": train}, _PlantedDataModule(8, 8), tmp_path, _STAGE_TRAINER, [])
+
+
+def test_prepare_classifier_reports_an_unknown_arch_as_a_config_error(tmp_path):
+    dm = _PlantedDataModule(num_train=8, num_val=8)
+    with pytest.raises(ConfigError, match=r"^classifier: unknown classifier architecture 'resnt18'.*resnet18"):
+        prepare_classifier({"arch": "resnt18"}, dm, tmp_path, _STAGE_TRAINER, [])
+    with pytest.raises(ConfigError, match=r"^classifier: .*classifier.checkpoint"):
+        prepare_classifier({"arch": TINY, "checkpoint": str(tmp_path / "nope.pt")}, dm, tmp_path, _STAGE_TRAINER, [])
+    assert dm.batch_size == 32
+
+
+def test_classifier_presets_hold_only_valid_options():
+    presets = sorted((CONFIGS / "classifier").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        options = OmegaConf.to_container(OmegaConf.load(preset))
+        options.pop("defaults", None)  # Hydra's composition list (the schema), not an option
+        ClassifierConfig.from_mapping(options)

@@ -71,3 +71,70 @@ def test_model_presets_build_networks_of_the_right_shapes(preset):
     # One style vector per modulated conv and toRGB: 2 at 4x4, 3 per block above it.
     n_blocks = int(torch.log2(torch.tensor(r))) - 2
     assert len(G.style_layers) == 2 + 3 * n_blocks
+
+
+# ------------------------------------------------------------------------------------------ one source
+# Values the YAML files of configs/ set on purpose, over a schema's default.
+CHOSEN = {("callbacks", "progress_bar", "refresh_rate"), ("callbacks", "encoder_fit", "seed"),
+          ("callbacks", "samples", "seed"), ("loss", "r1_gamma"), ("loss", "r1_interval")}
+
+
+def _defaults(cls) -> dict:
+    return {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
+def test_callback_options_take_their_defaults_from_the_callback_signatures():
+    from stylex.config import callback_targets
+
+    cfg = compose_cfg([])
+    assert list(cfg.callbacks) == list(callback_targets()), "the YAML lists the callbacks in another order"
+    for name, cls in callback_targets().items():
+        node = OmegaConf.to_container(cfg.callbacks[name], resolve=True)
+        assert _import_target(node.pop("_target_")) is cls
+        for key, default in _defaults(cls).items():
+            if ("callbacks", name, key) not in CHOSEN:
+                assert node[key] == default, f"callbacks.{name}.{key}: {node[key]!r} != signature default {default!r}"
+
+
+def test_loss_and_classifier_options_take_their_defaults_from_their_dataclasses():
+    from dataclasses import asdict
+
+    from stylex.classifier import ClassifierConfig, ClassifierTraining
+    from stylex.training.loss import LossConfig
+
+    cfg = compose_cfg(["classifier=resnet18"])
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    for key, default in asdict(LossConfig()).items():
+        if ("loss", key) not in CHOSEN:
+            assert loss[key] == default, key
+    assert loss["r1_gamma"] == cfg.model.r1_gamma
+    # the preset states only what differs from the schema
+    clf = OmegaConf.to_container(cfg.classifier, resolve=True)
+    preset = OmegaConf.load(CONFIGS / "classifier" / "resnet18.yaml")
+    for key, default in asdict(ClassifierTraining()).items():
+        if key not in preset.train:
+            assert clf["train"][key] == default, key
+    assert ClassifierConfig.from_mapping(clf).train.max_epochs == preset.train.max_epochs
+
+
+def test_callbacks_are_added_and_removed_from_the_command_line():
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    from stylex.training.callbacks import SampleGrid
+    from stylex.training.run import build_callbacks
+
+    cfg = compose_cfg(["+callbacks.lr._target_=pytorch_lightning.callbacks.LearningRateMonitor",
+                       "~callbacks.samples", "callbacks.checkpoint.keep=5"])
+    callbacks = build_callbacks(cfg)
+    assert isinstance(callbacks[-1], LearningRateMonitor)
+    assert not any(isinstance(c, SampleGrid) for c in callbacks)
+    (ckpt,) = [c for c in callbacks if type(c).__name__ == "StepCheckpoint"]
+    assert ckpt.save_top_k == 5
+
+
+def test_overrides_of_the_wrong_type_are_refused_when_composing():
+    from hydra.errors import ConfigCompositionException
+
+    for override in ("callbacks.explain.top_k=many", "loss.adv=strong", "classifier.train.max_epochs=x"):
+        with pytest.raises(ConfigCompositionException):
+            compose_cfg([override])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import inspect
 import json
 import math
 import os
@@ -15,33 +17,33 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
+from pytorch_lightning import loggers as pl_loggers
 from torch import nn
 
 from helpers import REPO, tiny_cfg
 from stylex.classifier import Classifier
-from stylex.explain.attfind import (
-    AttFind,
-    AttFindConfig,
-    agreement,
-    greedy_class_ranking,
-    measure_change,
-    shift_targets,
-)
+from stylex.explain import cli
+from stylex.explain.attfind import AttFind, AttFindConfig
 from stylex.explain.callback import ExplainCallback
 from stylex.explain.cli import main
-from stylex.explain.metrics import (
+from stylex.explain.drawing import line_plot, pair_panel, toggle_frames
+from stylex.explain.factors import (
     FactorProbe,
     GroundTruth,
-    apply_edits,
     factor_changes,
     ground_truth,
     main_factor,
     recovery_purity,
-    sufficiency,
     train_factor_probe,
 )
-from stylex.explain.report import line_plot, pair_panel, toggle_frames, write_report
+from stylex.explain.loggers import log_report, log_to_wandb
+from stylex.explain.measures import apply_edits, measure_change, shift_targets
+from stylex.explain.metrics import agreement, sufficiency
+from stylex.explain.pipeline import ExplainRequest, explain_run
+from stylex.explain.report import Report, write_report
+from stylex.explain.result import greedy_class_ranking
 from stylex.export import save_export
 from stylex.networks import Encoder, Generator, NoiseInjection
 from stylex.stylespace import StyleSpace
@@ -399,8 +401,8 @@ def test_report_files_and_self_contained_html(planted, planted_result, tmp_path)
 
 
 # ============================================================================ callback
-class WandbLogger:  # named like Lightning's, which is what the callback dispatches on
-    def __init__(self):
+class WandbLogger(pl_loggers.WandbLogger):  # recognised as W&B by stylex.utils.loggers
+    def __init__(self):  # no W&B run: only what the explanation logs is recorded
         self.tables, self.images = [], []
 
     def log_table(self, key, columns, data):
@@ -449,6 +451,65 @@ def test_callback_explains_after_fit_and_logs(tmp_path):
     trainer.current_epoch = 1
     periodic.on_train_epoch_end(trainer, module)
     assert (tmp_path / "p" / "epoch_0002" / "report.html").is_file()
+
+
+def test_callback_defaults_are_config_values_and_a_relative_out_dir_lies_in_the_run(tmp_path):
+    # The signature is the only source of the defaults: OmegaConf must accept every annotation.
+    params = inspect.signature(ExplainCallback).parameters.values()
+    fields = [(p.name, p.annotation, dataclasses.field(default=p.default)) for p in params]
+    schema = OmegaConf.structured(dataclasses.make_dataclass("ExplainSchema", fields))
+    assert OmegaConf.to_container(schema) == {
+        "out_dir": "explain", "top_k": 4, "num_images": 64, "every_n_epochs": 0, "shift_size": 1.0,
+        "prescreen": 16, "flip_k": 6, "examples": 4, "threads": None, "enabled": True}
+    g, e, c = _random_nets()
+    dataset = [{"image": torch.rand(3, 16, 16) * 2 - 1, "label": torch.tensor(i % 2)} for i in range(8)]
+    module = SimpleNamespace(G_ema=g, E=e, classifier=c, class_names=["a", "b"], num_classes=2,
+                             device=torch.device("cpu"), g_steps=torch.tensor(1))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_dataset=dataset), loggers=[], global_step=1,
+                              current_epoch=0, default_root_dir=str(tmp_path / "run"))
+    cb = ExplainCallback(top_k=1, num_images=4, prescreen=4, flip_k=0, examples=1, threads=1)
+    cb.on_train_end(trainer, module)
+    assert cb.last_report is not None and cb.last_report.html == tmp_path / "run" / "explain" / "report.html"
+    assert cb.last_report.html.is_file()
+
+
+def _small_report(folder: Path) -> Report:
+    """A report of two classes with one attribute each, without a search."""
+    panel, plot = folder / "panel.png", folder / "plot.png"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(panel)
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(plot)
+    attribute = {"rank": 1, "coordinate": 3, "layer": "b4.conv1", "channel": 3, "direction": "increase",
+                 "mean_probability_change": 0.2, "share_affected": 0.5, "flip_share": 0.25}
+    classes = {"a": {"attributes": [attribute]}, "b": {"attributes": [{**attribute, "direction": "decrease"}]}}
+    return Report(out_dir=folder, json=folder / "explanation.json", html=folder / "report.html",
+                  panels={(0, 1): panel, (1, 1): panel}, plot=plot, data={"classes": classes})
+
+
+def test_training_loggers_and_the_wandb_run_get_the_same_keys(tmp_path, monkeypatch):
+    import wandb
+
+    report = _small_report(tmp_path)
+    in_training = WandbLogger()
+    log_report(in_training, report, step=3)
+    training_keys = [k for k, *_ in in_training.tables] + [k for k, _ in in_training.images]
+
+    logged = []
+
+    class FakeRun:
+        def log(self, payload):
+            logged.append(payload)
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun())
+    log_to_wandb({"project": "stylex", "offline": True}, tmp_path / "run", report)
+    assert len(logged) == 1, "log_to_wandb warned instead of logging"
+    assert set(logged[0]) == set(training_keys) == {"explain/attributes", "explain/panels", "explain/flip_rate"}
+    assert len(training_keys) == 3
+    # The same content under each key.
+    assert logged[0]["explain/attributes"].data == in_training.tables[0][2]
+    assert len(logged[0]["explain/panels"]) == len(in_training.images[0][1]) == 2
 
 
 # ============================================================================ explain.py
@@ -552,3 +613,40 @@ def test_explain_py_end_to_end_on_the_latest_run(trained_run):
     assert (html.parent / "flip_rate.png").is_file() and len(data["flip_rate"]["attfind"]) == 3
     assert html.read_text().count("data:image/gif;base64,") == 4
     assert [im["index"] for im in data["images"] if "panel" in im] == [0, 1, 2, 3]
+
+
+def test_explain_py_delegates_to_explain_run(random_export, tmp_path, monkeypatch, capsys):
+    options = ["--run", str(random_export.run), "--source", "generated", "--num-images", "4", "--top-k", "1",
+               "--flip-k", "2", "--examples", "1", "--prescreen", "none", "--no-wandb", "--threads", "1"]
+    requests = []
+
+    def spy(request, say=None, show=None):
+        requests.append(request)
+        return explain_run(request, say=say, show=show)
+
+    monkeypatch.setattr(cli, "explain_run", spy)
+    threads = torch.get_num_threads()
+    assert main([*options, "--out", str(tmp_path / "cli")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str((tmp_path / "cli" / "report.html").resolve())
+    # The same request as plain Python values, and the same report from it.
+    request = ExplainRequest(run=random_export.run, source="generated", num_images=4, top_k=1, flip_k=2,
+                             examples=1, prescreen="none", wandb=False, threads=1, out=tmp_path / "direct")
+    assert requests == [dataclasses.replace(request, out=tmp_path / "cli")]
+    report, result = explain_run(request)
+    assert torch.get_num_threads() == threads, "the thread count must be restored"
+    assert report.html == tmp_path / "direct" / "report.html" and result.num_images == 4
+
+    def content(folder: Path) -> dict:
+        data = json.loads((folder / "explanation.json").read_text())
+        for key in ("created", "report_seconds"):
+            data.pop(key)
+        for key in ("seconds", "seconds_per_image", "timings"):
+            data["search"].pop(key)
+        data["flip_rate"].pop("seconds")
+        return data
+
+    assert content(tmp_path / "cli") == content(tmp_path / "direct")
+
+
+def test_explain_request_holds_the_command_line_defaults():
+    assert cli.request_from_args(cli.build_parser().parse_args([])) == ExplainRequest()

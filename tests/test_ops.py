@@ -8,6 +8,7 @@ against explicit formulas for every activation. Gradients are checked numericall
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -397,14 +398,15 @@ def test_bias_act_gradcheck(name, dim, clamp):
 @pytest.fixture
 def no_cuda_build(monkeypatch):
     """Fail loudly if any call tries to consult the CUDA extension."""
-    from stylex.ops import cuda_build
 
     def refuse(*args, **kwargs):
         raise AssertionError("the reference path must not consult the CUDA build")
 
-    monkeypatch.setattr(cuda_build, "available", refuse)
-    monkeypatch.setattr(cuda_build, "upfirdn2d", refuse, raising=False)
-    monkeypatch.setattr(cuda_build, "bias_act", refuse, raising=False)
+    monkeypatch.setattr(dispatch, "available", refuse)
+    monkeypatch.setattr(dispatch, "extension", refuse)
+    # the modules, not the functions that stylex.ops exports under the same names
+    monkeypatch.setattr(sys.modules["stylex.ops.upfirdn2d"], "_upfirdn2d_cuda", refuse)
+    monkeypatch.setattr(sys.modules["stylex.ops.bias_act"], "_bias_act_cuda", refuse)
 
 
 @pytest.mark.parametrize("impl", ["ref", "auto", "cuda", None])

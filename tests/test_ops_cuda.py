@@ -4,7 +4,7 @@ Four groups:
 
 * no marker: build-system logic with fakes (toolkit discovery behind a wrapper nvcc, cache keys,
   the stale-lock recovery, error messages, once-per-process fallback) and the autograd rules of
-  ``cuda_build`` driven by an *emulated* extension on the CPU in float64. The emulation only
+  the ops' fused paths driven by an *emulated* extension on the CPU in float64. The emulation only
   tests how gradients are composed; it never stands in for kernel results.
 * ``cuda_build``: compiles the real extension (nvcc and a CUDA build of PyTorch; no GPU needed).
 * ``test_kernels_*[host]`` (no marker, needs a C++ compiler): the kernel sources compiled for the
@@ -15,7 +15,6 @@ Four groups:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import signal
 import subprocess
@@ -29,11 +28,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stylex.ops import ACTIVATIONS, bias_act, setup_filter, upfirdn2d
-from stylex.ops import cuda_build as cb
-from stylex.ops import dispatch
-from stylex.ops.bias_act import bias_act_ref
-from stylex.ops.upfirdn2d import upfirdn2d_ref
+from stylex.ops import ACTIVATIONS, _build, _lock, _toolkit, bias_act, dispatch, setup_filter, upfirdn2d
+from stylex.ops._toolkit import BuildError
+from stylex.ops.bias_act import _bias_act_cuda, bias_act_ref
+from stylex.ops.upfirdn2d import (
+    _upfirdn2d_cuda,
+    adjoint_padding,
+    force_generic_upfirdn2d,
+    upfirdn2d_path,
+    upfirdn2d_ref,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +48,8 @@ def _toolkit_or_skip() -> Path:
     if not torch.version.cuda:
         pytest.skip("this PyTorch has no CUDA support, so the extension cannot be built")
     try:
-        return cb.find_cuda_home()
-    except cb.BuildError as err:
+        return _toolkit.find_cuda_home()
+    except BuildError as err:
         pytest.skip(f"no CUDA toolkit to compile with: {err}")
 
 
@@ -58,9 +62,9 @@ def _gpu_or_skip() -> None:
 @pytest.fixture
 def fresh_state(monkeypatch):
     """A process state in which the extension has not been built or tried yet."""
-    monkeypatch.setattr(cb, "_module", None)
-    monkeypatch.setattr(cb, "_failure", None)
-    monkeypatch.setattr(cb, "_warned", False)
+    monkeypatch.setattr(dispatch.EXTENSION, "_module", None)
+    monkeypatch.setattr(dispatch.EXTENSION, "_failure", None)
+    monkeypatch.setattr(dispatch.EXTENSION, "_warned", False)
 
 
 # =============================================================================================
@@ -104,7 +108,7 @@ def test_wrapper_nvcc_resolves_to_the_real_toolkit(tmp_path):
     _wrapper(wrap_bin, toolkit / "bin" / "nvcc")
     # PyTorch's guess would be the parent of the wrapper's folder, which is no toolkit
     assert not (wrap_bin.parent / "include" / "cuda_runtime.h").exists()
-    found = cb.find_cuda_home({"PATH": str(wrap_bin)}, default=tmp_path / "none")
+    found = _toolkit.find_cuda_home({"PATH": str(wrap_bin)}, default=tmp_path / "none")
     assert found.resolve() == toolkit.resolve()
 
 
@@ -112,7 +116,7 @@ def test_wrapper_script_is_read_when_nvcc_cannot_say(tmp_path):
     toolkit = _fake_toolkit(tmp_path / "cuda-12.4", dryrun=False)
     wrap_bin = tmp_path / "wrap"
     _wrapper(wrap_bin, toolkit / "bin" / "nvcc")
-    assert cb.find_cuda_home({"PATH": str(wrap_bin)}, default=tmp_path / "none").resolve() == toolkit.resolve()
+    assert _toolkit.find_cuda_home({"PATH": str(wrap_bin)}, default=tmp_path / "none").resolve() == toolkit.resolve()
 
 
 def test_symlinked_nvcc_is_followed(tmp_path):
@@ -120,49 +124,109 @@ def test_symlinked_nvcc_is_followed(tmp_path):
     link_bin = tmp_path / "links"
     link_bin.mkdir()
     (link_bin / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
-    assert cb.find_cuda_home({"PATH": str(link_bin)}, default=tmp_path / "none").resolve() == toolkit.resolve()
+    assert _toolkit.find_cuda_home({"PATH": str(link_bin)}, default=tmp_path / "none").resolve() == toolkit.resolve()
 
 
 def test_cuda_home_wins_over_path(tmp_path):
     on_path = _fake_toolkit(tmp_path / "cuda-a")
     chosen = _fake_toolkit(tmp_path / "cuda-b")
     env = {"PATH": str(on_path / "bin"), "CUDA_HOME": str(chosen)}
-    assert cb.find_cuda_home(env) == chosen
+    assert _toolkit.find_cuda_home(env) == chosen
 
 
 def test_bad_cuda_home_and_missing_nvcc_are_named(tmp_path):
-    with pytest.raises(cb.BuildError, match=r"CUDA_HOME=.*has no bin/nvcc"):
-        cb.find_cuda_home({"PATH": "", "CUDA_HOME": str(tmp_path)})
-    with pytest.raises(cb.BuildError, match="no CUDA compiler: nvcc is not on PATH"):
-        cb.find_cuda_home({"PATH": str(tmp_path)}, default=tmp_path / "nowhere")
+    with pytest.raises(BuildError, match=r"CUDA_HOME=.*has no bin/nvcc"):
+        _toolkit.find_cuda_home({"PATH": "", "CUDA_HOME": str(tmp_path)})
+    with pytest.raises(BuildError, match="no CUDA compiler: nvcc is not on PATH"):
+        _toolkit.find_cuda_home({"PATH": str(tmp_path)}, default=tmp_path / "nowhere")
     lonely = _write_script(tmp_path / "lonely" / "nvcc", "exit 1\n")
-    with pytest.raises(cb.BuildError, match=f"found nvcc at {lonely}.*set CUDA_HOME"):
-        cb.find_cuda_home({"PATH": str(lonely.parent)}, default=tmp_path / "nowhere")
+    with pytest.raises(BuildError, match=f"found nvcc at {lonely}.*set CUDA_HOME"):
+        _toolkit.find_cuda_home({"PATH": str(lonely.parent)}, default=tmp_path / "nowhere")
 
 
 def test_nvcc_version_and_mismatch_message(tmp_path):
     toolkit = _fake_toolkit(tmp_path / "cuda-11.8", release="11.8")
-    assert cb.nvcc_version(toolkit) == "11.8"
+    assert _toolkit.nvcc_version(toolkit) == "11.8"
     expected = r"CUDA version mismatch: nvcc in .* is CUDA 11\.8 but PyTorch was built with CUDA 12\.4"
-    with pytest.raises(cb.BuildError, match=expected):
-        cb.check_versions("11.8", "12.4", toolkit)
-    cb.check_versions("12.1", "12.4", toolkit)  # same major: compatible
-    with pytest.raises(cb.BuildError, match="built without CUDA"):
-        cb.check_versions("12.4", None, toolkit)
+    with pytest.raises(BuildError, match=expected):
+        _toolkit.check_versions("11.8", "12.4", toolkit)
+    _toolkit.check_versions("12.1", "12.4", toolkit)  # same major: compatible
+    with pytest.raises(BuildError, match="built without CUDA"):
+        _toolkit.check_versions("12.4", None, toolkit)
 
 
-def test_target_archs(tmp_path):
-    toolkit = _fake_toolkit(tmp_path / "cuda", sm="sm_80 sm_86 sm_90")
-    assert cb.target_archs(toolkit, {"TORCH_CUDA_ARCH_LIST": "8.0;9.0+PTX"}) == ("sm_80", "sm_90", "compute_90")
-    assert cb.target_archs(toolkit, {}, capabilities=[(9, 0), (9, 0)]) == ("sm_90",)
-    # a GPU newer than the toolkit: PTX of the newest architecture nvcc knows, for the driver to JIT
-    assert cb.target_archs(toolkit, {}, capabilities=[(12, 0)]) == ("compute_90",)
-    assert cb._gencode_flags(("sm_90", "compute_90")) == [
-        "-gencode=arch=compute_90,code=sm_90",
-        "-gencode=arch=compute_90,code=compute_90",
-    ]
-    with pytest.raises(cb.BuildError, match="TORCH_CUDA_ARCH_LIST entry 'sm90'"):
-        cb.target_archs(toolkit, {"TORCH_CUDA_ARCH_LIST": "sm90"})
+def test_no_gpu_fallback_is_the_newest_arch_torch_and_nvcc_share(tmp_path, monkeypatch):
+    """With no GPU and no TORCH_CUDA_ARCH_LIST torch has nothing to choose from; we pick one."""
+    toolkit = _fake_toolkit(tmp_path / "cuda", sm="sm_75 sm_80 sm_86 sm_90 sm_100")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90", "sm_120", "compute_120"])
+    assert _toolkit.fallback_arch(toolkit) == "9.0"  # sm_120: too new for this nvcc; sm_100: not in torch
+    assert _toolkit.arch_choice(toolkit, {}, capabilities=[]) == (("fallback 9.0",), "9.0")
+    # "native" means the visible GPUs to torch: none here, so the fallback too
+    assert _toolkit.arch_choice(toolkit, {"TORCH_CUDA_ARCH_LIST": "native"}, capabilities=[])[1] == "9.0"
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_90", "sm_100"])
+    assert _toolkit.fallback_arch(toolkit) == "10.0"
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_120"])
+    expected = r"no GPU is visible and nvcc in .* shares no architecture with this PyTorch .*TORCH_CUDA_ARCH_LIST=8\.0"
+    with pytest.raises(BuildError, match=expected):
+        _toolkit.arch_choice(toolkit, {}, capabilities=[])
+
+
+def test_arch_choice_follows_torch_and_enters_the_cache_key(tmp_path, monkeypatch):
+    toolkit = _fake_toolkit(tmp_path / "cuda", sm="sm_80 sm_90")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
+
+    def key(environ, capabilities):
+        archs, fallback = _toolkit.arch_choice(toolkit, environ, capabilities)
+        return _config(archs=archs, arch_fallback=fallback).key()
+
+    # TORCH_CUDA_ARCH_LIST wins over the visible GPUs, as in torch, and torch reads it itself
+    chosen = _toolkit.arch_choice(toolkit, {"TORCH_CUDA_ARCH_LIST": "8.0;9.0+PTX"}, capabilities=[(8, 6)])
+    assert chosen == (("TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX",), None)
+    assert key({"TORCH_CUDA_ARCH_LIST": "8.0"}, []) != key({"TORCH_CUDA_ARCH_LIST": "9.0"}, [])
+    # else the visible GPUs' capabilities, from which torch derives its targets
+    assert _toolkit.arch_choice(toolkit, {}, capabilities=[(9, 0), (8, 6), (9, 0)]) == (("gpu 8.6", "gpu 9.0"), None)
+    assert key({}, [(8, 6)]) != key({}, [(9, 0)])
+    assert key({}, [(9, 0), (9, 0)]) == key({}, [(9, 0)])
+    # the fallback (sm_90 without PTX) is another build than torch's choice for a 9.0 GPU
+    assert key({}, []) != key({}, [(9, 0)])
+
+
+def test_compile_leaves_the_architectures_to_torch(tmp_path, monkeypatch):
+    """No -gencode of ours; TORCH_CUDA_ARCH_LIST is set for the no-GPU fallback only, and only
+    while torch compiles."""
+    from torch.utils import cpp_extension
+
+    seen: list[tuple[dict, str | None]] = []
+
+    def fake_load(**kwargs):
+        seen.append((kwargs, os.environ.get("TORCH_CUDA_ARCH_LIST")))
+        return SimpleNamespace(name=kwargs["name"])
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(_build, "preflight", lambda: None)  # no ninja or compiler is run
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    cuda_home_before = os.environ.get("CUDA_HOME")
+    _build._compile(_config(archs=("fallback 9.0",), arch_fallback="9.0"), tmp_path)
+    _build._compile(_config(archs=("gpu 9.0",)), tmp_path)
+    assert [arch_list for _, arch_list in seen] == ["9.0", None]
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ, "the fallback must not outlive the compile"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6+PTX")  # the user's own list reaches torch untouched
+    _build._compile(_config(archs=("TORCH_CUDA_ARCH_LIST=8.6+PTX",)), tmp_path)
+    assert seen[-1][1] == "8.6+PTX" and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.6+PTX"
+    for kwargs, _ in seen:
+        flags = [*kwargs["extra_cflags"], *kwargs["extra_cuda_cflags"]]
+        # any flag naming an architecture would also make torch drop its own choice
+        assert not [f for f in flags if "gencode" in f or "arch" in f], flags
+
+    def failing_load(**kwargs):
+        raise RuntimeError("error: boom")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    with pytest.raises(BuildError, match="boom"):
+        _build._compile(_config(archs=("fallback 9.0",), arch_fallback="9.0"), tmp_path)
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ, "a failed compile must restore the environment too"
+    assert os.environ.get("CUDA_HOME") == cuda_home_before
 
 
 # =============================================================================================
@@ -170,10 +234,12 @@ def test_target_archs(tmp_path):
 # =============================================================================================
 
 
-def _config(**kw) -> cb.BuildConfig:
-    base = dict(sources=cb.source_dir(), cuda_home=Path("/opt/cuda"), nvcc="13.0", archs=("sm_90",))
+def _config(**kw) -> _build.BuildConfig:
+    base = dict(
+        spec=dispatch.SPEC, sources=_build.source_dir(), cuda_home=Path("/opt/cuda"), nvcc="13.0", archs=("gpu 9.0",)
+    )
     base.update(kw)
-    return cb.BuildConfig(**base)
+    return _build.BuildConfig(**base)
 
 
 def test_cache_folder_is_keyed_by_everything_that_matters(tmp_path, monkeypatch):
@@ -182,7 +248,7 @@ def test_cache_folder_is_keyed_by_everything_that_matters(tmp_path, monkeypatch)
     assert base.folder(root) == _config().folder(root), "the same configuration must reuse its folder"
     variants = [
         _config(defines=("STYLEX_EXTRA=1",)),
-        _config(archs=("sm_80",)),
+        _config(archs=("gpu 8.0",)),
         _config(torch_version="0.0.0"),
         _config(torch_cuda="11.8"),
         _config(nvcc="12.9"),
@@ -195,20 +261,20 @@ def test_cache_folder_is_keyed_by_everything_that_matters(tmp_path, monkeypatch)
     # a changed source changes the key
     copy = tmp_path / "src"
     copy.mkdir()
-    for name in cb.SOURCE_FILES + cb.HEADER_FILES:
-        (copy / name).write_bytes((cb.source_dir() / name).read_bytes())
+    for name in dispatch.SPEC.sources + dispatch.SPEC.headers:
+        (copy / name).write_bytes((_build.source_dir() / name).read_bytes())
     assert _config(sources=copy).folder(root).name == base.folder(root).name
     (copy / "bias_act.cu").write_text((copy / "bias_act.cu").read_text() + "\n// changed\n")
     assert _config(sources=copy).folder(root) != base.folder(root)
 
-    monkeypatch.setattr(cb, "sources_digest", lambda folder: "0" * 64)
+    monkeypatch.setattr(_build, "sources_digest", lambda folder, names: "0" * 64)
     patched = _config().folder(root)
     monkeypatch.undo()
     assert patched != base.folder(root)
 
 
 def test_missing_sources_are_reported(tmp_path):
-    with pytest.raises(cb.BuildError, match=r"CUDA sources are missing: .*stylex_ops\.cpp.*STYLEX_CUSTOM_OPS_DIR"):
+    with pytest.raises(BuildError, match=r"CUDA sources are missing: .*stylex_ops\.cpp.*STYLEX_CUSTOM_OPS_DIR"):
         _config(sources=tmp_path).key()
 
 
@@ -222,22 +288,22 @@ def test_missing_sources_are_reported(tmp_path):
     ],
 )
 def test_build_failures_name_their_cause(log, cause):
-    message = cb.explain_failure("Error building extension 'x': " + log, _config())
+    message = _build.explain_failure("Error building extension 'x': " + log, _config())
     assert message.startswith(cause)
     assert log in message, "the compiler's own output must be kept"
 
 
 def test_preflight_names_missing_ninja_and_compiler(monkeypatch):
-    real_which = cb.shutil.which
+    real_which = _toolkit.shutil.which
     no_ninja = lambda name, *a, **k: None if name == "ninja" else real_which(name, *a, **k)  # noqa: E731
-    monkeypatch.setattr(cb.shutil, "which", no_ninja)
+    monkeypatch.setattr(_toolkit.shutil, "which", no_ninja)
     monkeypatch.setitem(sys.modules, "ninja", None)  # the PyPI package is not importable either
-    with pytest.raises(cb.BuildError, match=r"ninja is not installed.*pip install ninja"):
-        cb._preflight(_config())
-    monkeypatch.setattr(cb.shutil, "which", lambda name, *a, **k: "/usr/bin/ninja" if name == "ninja" else None)
+    with pytest.raises(BuildError, match=r"ninja is not installed.*pip install ninja"):
+        _toolkit.preflight()
+    monkeypatch.setattr(_toolkit.shutil, "which", lambda name, *a, **k: "/usr/bin/ninja" if name == "ninja" else None)
     monkeypatch.setenv("CXX", "g++-404")
-    with pytest.raises(cb.BuildError, match="no C\\+\\+ compiler: 'g\\+\\+-404' is not on PATH"):
-        cb._preflight(_config())
+    with pytest.raises(BuildError, match="no C\\+\\+ compiler: 'g\\+\\+-404' is not on PATH"):
+        _toolkit.preflight()
 
 
 # =============================================================================================
@@ -246,7 +312,7 @@ def test_preflight_names_missing_ninja_and_compiler(monkeypatch):
 
 _HOLD_LOCK = """
 import sys, time
-from stylex.ops.cuda_build import BuildLock
+from stylex.ops._lock import BuildLock
 lock = BuildLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)
@@ -267,7 +333,7 @@ def test_lock_held_by_live_process_times_out_naming_it(tmp_path):
     holder = _spawn_holder(lock_path)
     try:
         with pytest.raises(TimeoutError, match=f"held by process {holder.pid}.*STYLEX_BUILD_LOCK_TIMEOUT"):
-            cb.BuildLock(lock_path, timeout=0.5, poll=0.05).acquire()
+            _lock.BuildLock(lock_path, timeout=0.5, poll=0.05).acquire()
     finally:
         holder.kill()
         holder.wait()
@@ -280,7 +346,7 @@ def test_lock_of_killed_build_is_detected_and_recovered(tmp_path):
     holder.wait()
     start = time.monotonic()
     with pytest.warns(UserWarning, match=f"stale build lock .* process {holder.pid} .*no longer running"):
-        lock = cb.BuildLock(lock_path, timeout=5.0, poll=0.05)
+        lock = _lock.BuildLock(lock_path, timeout=5.0, poll=0.05)
         lock.acquire()
     assert time.monotonic() - start < 2.0, "a dead holder must not make the next run wait"
     assert lock.stale_owner["pid"] == holder.pid
@@ -288,7 +354,7 @@ def test_lock_of_killed_build_is_detected_and_recovered(tmp_path):
     # a clean release leaves no owner record: the next holder does not warn
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with cb.BuildLock(lock_path, timeout=1.0):
+        with _lock.BuildLock(lock_path, timeout=1.0):
             pass
 
 
@@ -306,19 +372,19 @@ def test_build_publishes_atomically_once_and_then_hits_the_cache(tmp_path, monke
     config = _config(defines=("STYLEX_TEST_FAKE=1",))
     monkeypatch.delitem(sys.modules, config.name, raising=False)
     calls: list = []
-    monkeypatch.setattr(cb, "_compile", _fake_compile(calls, delay=0.3))
+    monkeypatch.setattr(_build, "_compile", _fake_compile(calls, delay=0.3))
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cb.build(config, tmp_path))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(_build.build(config, tmp_path))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(calls) == 1, "concurrent builders must compile once"
     assert sorted(built for _, built in results) == [False, False, True]
-    assert cb.is_published(config.folder(tmp_path), config.name)
+    assert _build.is_published(config.folder(tmp_path), config.name)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == [], f"temporary build folders left behind: {leftovers}"
-    module, built = cb.build(config, tmp_path)
+    module, built = _build.build(config, tmp_path)
     assert built is False and module.fake
 
 
@@ -327,11 +393,11 @@ def test_failed_build_publishes_nothing_and_keeps_the_log(tmp_path, monkeypatch)
 
     def failing(config, workdir):
         (workdir / "half.o").write_text("partial")
-        raise cb.BuildError("compiling the fused CUDA ops failed.\nerror: boom")
+        raise BuildError("compiling the fused CUDA ops failed.\nerror: boom")
 
-    monkeypatch.setattr(cb, "_compile", failing)
-    with pytest.raises(cb.BuildError, match="boom"):
-        cb.build(config, tmp_path)
+    monkeypatch.setattr(_build, "_compile", failing)
+    with pytest.raises(BuildError, match="boom"):
+        _build.build(config, tmp_path)
     assert not config.folder(tmp_path).exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert "boom" in (tmp_path / f"{config.name}.failed.log").read_text()
@@ -340,8 +406,8 @@ def test_failed_build_publishes_nothing_and_keeps_the_log(tmp_path, monkeypatch)
 def test_unwritable_cache_is_named(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
-    with pytest.raises(cb.BuildError, match="cannot create the build cache .*STYLEX_CACHE_DIR"):
-        cb.build(_config(), blocker / "cache")
+    with pytest.raises(BuildError, match="cannot create the build cache .*STYLEX_CACHE_DIR"):
+        _build.build(_config(), blocker / "cache")
 
 
 def test_build_after_a_killed_build_recovers(tmp_path, monkeypatch):
@@ -352,38 +418,41 @@ def test_build_after_a_killed_build_recovers(tmp_path, monkeypatch):
     holder.wait()
     (tmp_path / f".{config.name}-killed").mkdir()  # its unfinished work folder
     calls: list = []
-    monkeypatch.setattr(cb, "_compile", _fake_compile(calls))
+    monkeypatch.setattr(_build, "_compile", _fake_compile(calls))
     with pytest.warns(UserWarning, match="stale build lock"):
-        _, built = cb.build(config, tmp_path)
+        _, built = _build.build(config, tmp_path)
     assert built and len(calls) == 1
-    assert cb.is_published(config.folder(tmp_path), config.name)
+    assert _build.is_published(config.folder(tmp_path), config.name)
     assert not (tmp_path / f".{config.name}-killed").exists(), "the killed build's work folder must be cleared"
 
 
 def test_failed_build_is_tried_once_per_process_and_warns_once(fresh_state, monkeypatch):
     attempts = []
 
-    def broken_config(**kw):
+    def broken_config(*args, **kw):
         attempts.append(1)
-        raise cb.BuildError("no CUDA compiler: nvcc is not on PATH")
+        raise BuildError("no CUDA compiler: nvcc is not on PATH")
 
-    monkeypatch.setattr(cb, "current_config", broken_config)
+    monkeypatch.setattr(_build, "current_config", broken_config)
     with pytest.warns(RuntimeWarning, match="reference implementation is used. no CUDA compiler") as record:
         for _ in range(5):
-            assert cb.available("upfirdn2d") is False
-            assert cb.available("bias_act") is False
+            assert dispatch.available("upfirdn2d") is False
+            assert dispatch.available("bias_act") is False
     assert len(record) == 1
     assert len(attempts) == 1
     expected = "ops.impl=cuda, but the fused CUDA kernel for bias_act is unavailable: no CUDA compiler"
-    with pytest.raises(cb.BuildError, match=expected):
-        cb.available("bias_act", strict=True)
+    with pytest.raises(BuildError, match=expected):
+        dispatch.available("bias_act", strict=True)
     assert len(attempts) == 1
     with pytest.raises(ValueError, match="no fused CUDA kernel for 'conv2d'"):
-        cb.available("conv2d")
+        dispatch.available("conv2d")
 
 
 def test_importing_the_package_builds_nothing():
-    code = "import sys, stylex.ops, stylex.ops.cuda_build; print('torch.utils.cpp_extension' in sys.modules)"
+    code = (
+        "import sys, stylex.ops, stylex.ops._build, stylex.ops.dispatch; "
+        "print('torch.utils.cpp_extension' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
 
@@ -396,8 +465,8 @@ def test_importing_the_package_builds_nothing():
 class EmulatedExtension:
     """The extension's interface computed with non-differentiable torch code.
 
-    Stands in for the compiled module so that the autograd Functions of ``cuda_build`` can be
-    checked numerically on the CPU; every call is recorded.
+    Stands in for the compiled module so that the autograd Functions of the ops' fused paths
+    can be checked numerically on the CPU; every call is recorded.
     """
 
     def __init__(self):
@@ -438,8 +507,8 @@ class EmulatedExtension:
 @pytest.fixture
 def emulated(monkeypatch):
     ext = EmulatedExtension()
-    monkeypatch.setattr(cb, "load_extension", lambda: ext)
-    monkeypatch.setattr(cb, "KERNEL_DTYPES", (torch.float64,))  # let float64 reach the Functions
+    monkeypatch.setattr(dispatch, "extension", lambda: ext)
+    monkeypatch.setattr(dispatch, "KERNEL_DTYPES", (torch.float64,))  # let float64 reach the Functions
     return ext
 
 
@@ -458,7 +527,7 @@ def test_upfirdn2d_autograd_rule_any_order(emulated, up, down, pad, separable, f
     f = torch.randn(3 if separable else (3, 2), generator=g, dtype=torch.float64)
 
     def fn(inp):
-        return cb.upfirdn2d(inp, f, up, down, pad, flip, 1.5)
+        return _upfirdn2d_cuda(inp, f, up, down, pad, flip, 1.5)
 
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))
@@ -481,7 +550,7 @@ def test_adjoint_padding_matches_reference_gradient(in_size, up, down, taps):
     y = upfirdn2d_ref(x, f, up, down, pad, False, 2.0)
     dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
     (want,) = torch.autograd.grad(y, x, dy)
-    gpad = cb.adjoint_padding(tuple(x.shape[2:]), tuple(y.shape[2:]), f, up, down, pad)
+    gpad = adjoint_padding(tuple(x.shape[2:]), tuple(y.shape[2:]), f, up, down, pad)
     got = upfirdn2d_ref(dy, f, down, up, gpad, True, 2.0)
     assert got.shape == x.shape
     torch.testing.assert_close(got, want)
@@ -497,7 +566,7 @@ def test_bias_act_autograd_rule_second_order(emulated, name, dim, clamp):
     spec = ACTIVATIONS[name]
 
     def fn(inp, bias):
-        return cb.bias_act(inp, bias, dim, spec.code, 0.2, spec.default_gain, clamp)
+        return _bias_act_cuda(inp, bias, dim, spec.code, 0.2, spec.default_gain, clamp)
 
     if clamp is not None:  # move samples off the clamp boundary, where finite differences break
         with torch.no_grad():
@@ -536,7 +605,7 @@ def test_bias_act_third_order_matches_reference(emulated, name):
         (g2,) = torch.autograd.grad(g1.sum(), x, create_graph=True)
         return torch.autograd.grad(g2.sum(), [x, b])
 
-    got = third(lambda i, bb: cb.bias_act(i, bb, 1, code, 0.2, 1.3, None))
+    got = third(lambda i, bb: _bias_act_cuda(i, bb, 1, code, 0.2, 1.3, None))
     want = third(lambda i, bb: bias_act_ref(i, bb, 1, name, 0.2, 1.3, None))
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w)
@@ -545,7 +614,7 @@ def test_bias_act_third_order_matches_reference(emulated, name):
 def test_linear_bias_act_saves_nothing_and_scales_gradient(emulated):
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    y = cb.bias_act(x, b, 1, ACTIVATIONS["linear"].code, 0.0, 3.0, None)
+    y = _bias_act_cuda(x, b, 1, ACTIVATIONS["linear"].code, 0.0, 3.0, None)
     assert y.grad_fn.__class__.__name__.startswith("_LinearBiasAct")
     y.backward(torch.ones_like(y))
     torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
@@ -560,14 +629,14 @@ def test_linear_bias_act_saves_nothing_and_scales_gradient(emulated):
 @pytest.mark.cuda_build
 def test_extension_compiles_and_second_build_is_a_cache_hit():
     _toolkit_or_skip()
-    config = cb.current_config()
+    config = _build.current_config(dispatch.SPEC)
     start = time.monotonic()
-    module, compiled = cb.build(config)
+    module, compiled = _build.build(config)
     first = time.monotonic() - start
     folder = config.folder()
-    assert cb.is_published(folder, config.name)
+    assert _build.is_published(folder, config.name)
     start = time.monotonic()
-    again, compiled_again = cb.build(config)
+    again, compiled_again = _build.build(config)
     assert compiled_again is False, "a second build of the same configuration must load the cached one"
     assert again is module
     assert time.monotonic() - start < 5.0
@@ -586,7 +655,7 @@ def test_extension_compiles_and_second_build_is_a_cache_hit():
     assert replace_defines(config).folder() != folder
 
 
-def replace_defines(config: cb.BuildConfig) -> cb.BuildConfig:
+def replace_defines(config: _build.BuildConfig) -> _build.BuildConfig:
     from dataclasses import replace
 
     return replace(config, defines=config.defines + ("STYLEX_KEY_PROBE=1",))
@@ -596,7 +665,7 @@ def replace_defines(config: cb.BuildConfig) -> cb.BuildConfig:
 def test_real_toolkit_is_found_behind_a_wrapper():
     home = _toolkit_or_skip()
     assert (home / "include" / "cuda_runtime.h").is_file()
-    nvcc = cb.shutil.which("nvcc")
+    nvcc = _toolkit.shutil.which("nvcc")
     if nvcc and not os.environ.get("CUDA_HOME"):
         real = Path(os.path.realpath(nvcc))
         if not (real.parent.parent / "include" / "cuda_runtime.h").exists():
@@ -617,9 +686,9 @@ def _host_kernels():
     global _host_module
     if _host_module is None:
         cxx = os.environ.get("CXX", "c++")
-        if cb.shutil.which(cxx) is None:
+        if _toolkit.shutil.which(cxx) is None:
             pytest.skip(f"no C++ compiler ({cxx!r} is not on PATH) to build the host kernels with")
-        _host_module = cb.load_host_kernels()  # a failed compile fails the test: it is a bug
+        _host_module = dispatch.load_host_kernels()  # a failed compile fails the test: it is a bug
     return _host_module
 
 
@@ -634,16 +703,13 @@ def kernels(request, monkeypatch):
         _gpu_or_skip()
         return "cuda"
     module = _host_kernels()
-    monkeypatch.setattr(cb, "load_extension", lambda: module)
-    monkeypatch.setattr(cb, "_module", module)
-    monkeypatch.setattr(cb, "_failure", None)
+    monkeypatch.setattr(dispatch, "extension", lambda: module)
 
     def use_host(x, impl, op):
         impl = impl if impl is not None else dispatch.get_default_impl()
         return impl != "ref"
 
-    for name in ("stylex.ops.bias_act", "stylex.ops.upfirdn2d"):
-        monkeypatch.setattr(importlib.import_module(name), "use_cuda", use_host)
+    monkeypatch.setattr(dispatch, "use_cuda", use_host)
     return "cpu"
 
 
@@ -740,7 +806,7 @@ def _upfirdn_check(x, f, up, down, pad, gain, dtype, what, second_order=True):
     assert x.dtype == dtype
     xin = x.detach().requires_grad_()  # keeps x's strides
     xref = x.detach().float().requires_grad_()
-    y = cb.upfirdn2d(xin, f, up, down, pad, False, gain)
+    y = _upfirdn2d_cuda(xin, f, up, down, pad, False, gain)
     yref = upfirdn2d_ref(xref, f, up, down, pad, False, gain)
     assert y.dtype == dtype
     assert_rel_close(y, yref, rel, f"{what} forward")
@@ -765,9 +831,9 @@ def test_kernels_upfirdn2d_matches_reference(case, dtype, layout, forced_generic
     f = _case_filter(spec, kernels)
     g = torch.Generator(device=kernels).manual_seed(11)
     x = _layout(torch.randn(3, 5, 9, 7, generator=g, device=kernels).to(dtype), layout)
-    ctx = cb.force_generic_upfirdn2d() if forced_generic else contextlib.nullcontext()
+    ctx = force_generic_upfirdn2d() if forced_generic else contextlib.nullcontext()
     with ctx:
-        assert cb.upfirdn2d_path(f, up, down) == ("generic" if forced_generic else path)
+        assert upfirdn2d_path(f, up, down) == ("generic" if forced_generic else path)
         _upfirdn_check(x, f, up, down, pad, gain, dtype, f"{case}/{layout}")
 
 

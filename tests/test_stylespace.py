@@ -136,3 +136,90 @@ def test_statistics_match_direct_computation(space):
         assert stats["max"][i].item() == pytest.approx(max(col))
         assert stats["mean"][i].item() == pytest.approx(mean, rel=1e-5)
         assert stats["std"][i].item() == pytest.approx(std, rel=1e-4)
+
+
+def test_cache_rows_resumes_edits_of_chosen_images(space):
+    w, c = inputs(batch=3, seed=2)
+    with torch.no_grad():
+        flat = space.flat_styles(w, c)
+        cache: dict = {}
+        space.render(flat, cache=cache)
+        rows = torch.tensor([2, 0, 2])  # image 2 twice, edited differently
+        # Before the first toRGB (no image yet) and after it (the image of b4 is carried along).
+        for layer in ("b4.conv1", "b8.conv1"):
+            i, j = space.index(layer, 1), space.index("b16.torgb", 4)
+            edited = space.edit(flat[rows], [i, j], torch.tensor([[3.0, -1.0], [-2.0, 0.5], [0.0, 2.0]]))
+            state = space.cache_rows(cache, layer, rows)
+            assert list(state) == [layer] and state[layer].x.shape[0] == 3
+            resumed = space.render(edited, from_layer=layer, cache=state)
+            torch.testing.assert_close(resumed, space.render(edited), rtol=0, atol=1e-6)
+            assert not torch.allclose(resumed[0], resumed[2])
+        with pytest.raises(ValueError, match="fill it with a full render"):
+            space.cache_rows({}, "b8.conv1", rows)
+
+
+def _no_hooks(space) -> bool:
+    return all(not m._forward_hooks for m in space.generator.modules())
+
+
+def test_trace_retains_layer_outputs(space):
+    w, c = inputs()
+    with torch.no_grad():
+        flat = space.flat_styles(w, c)
+        plain = space.render(flat)
+        cache: dict = {}
+        with space.trace(retain=["b8.conv0", "b16.conv1"]) as seen:
+            traced = space.render(flat, cache=cache)
+        assert torch.equal(traced, plain)  # retaining changes nothing
+        # A conv layer's output is the state entering the next layer ...
+        assert torch.equal(seen["b8.conv0"], cache["b8.conv1"].x)
+        assert torch.equal(seen["b16.conv1"], cache["b16.torgb"].x)
+        # ... and what the layer computes from the state entering it.
+        layer = space.generator.synthesis.blocks["b8"].conv0
+        styles = space.unflatten(flat)
+        direct = layer(cache["b8.conv0"].x, styles["b8.conv0"], "const")
+        torch.testing.assert_close(seen["b8.conv0"], direct, rtol=0, atol=1e-6)
+        # A resumed render runs (and retains) only the layers from its start on.
+        with space.trace(retain=["b4.conv1", "b16.conv0"]) as seen:
+            space.render(flat, from_layer="b8.conv0", cache=cache)
+        assert set(seen) == {"b16.conv0"}
+        assert _no_hooks(space)
+        with pytest.raises(KeyError, match="unknown style layer 'b8.conv2'"):
+            with space.trace(retain=["b8.conv2"]):
+                pass
+
+
+def test_trace_edits_layer_outputs(space):
+    from stylex.networks.synthesis import SynthesisState
+
+    w, c = inputs()
+    zero = [1, 3]
+
+    def kill(out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[:, zero] = 0
+        return out
+
+    with torch.no_grad():
+        flat = space.flat_styles(w, c)
+        cache: dict = {}
+        plain = space.render(flat, cache=cache)
+        with space.trace(retain=["b8.conv1"], edit={"b8.conv1": kill}) as seen:
+            edited = space.render(flat)
+        assert not torch.allclose(edited, plain)
+        assert (seen["b8.conv1"][:, zero] == 0).all()  # a retained layer keeps its edited output
+        # The same as resuming from the state entering the next layer with those channels zeroed.
+        x, img = cache["b8.torgb"]
+        x = x.clone()
+        x[:, zero] = 0
+        resumed = space.render(flat, from_layer="b8.torgb", cache={"b8.torgb": SynthesisState(x, img)})
+        torch.testing.assert_close(edited, resumed, rtol=0, atol=1e-6)
+        # The hooks are gone after the block.
+        assert _no_hooks(space)
+        assert torch.equal(space.render(flat), plain)
+        # An edit must keep the output's shape; a failing block removes its hooks as well.
+        with pytest.raises(ValueError, match=r"must return a tensor of shape \(2, 16, 8, 8\)"):
+            with space.trace(edit={"b8.conv1": lambda out: out[:, :2]}):
+                space.render(flat)
+        assert _no_hooks(space)
+        assert torch.equal(space.render(flat), plain)

@@ -429,3 +429,41 @@ def test_resume_last_picks_the_run_whose_checkpoint_is_newest(tmp_path):
     assert find_latest_run(tmp_path) == new
     with pytest.raises(ConfigError, match="no run with checkpoints/last.ckpt"):
         find_latest_run(tmp_path / "empty")
+
+
+def test_loss_config_names_unknown_options_and_checks_values():
+    from stylex.training.loss import LossConfig
+
+    with pytest.raises(ValueError, match=r"unknown loss option\(s\) \['advv'\]"):
+        LossConfig.coerce({"advv": 1.0})
+    with pytest.raises(ValueError, match="loss.adv must be a number"):
+        LossConfig.coerce({"adv": "strong"})
+    cfg = LossConfig.coerce({"adv": 2.0})
+    assert cfg.adv == 2.0 and cfg.kl_gen == LossConfig().kl_gen
+    assert LossConfig.coerce(cfg) is cfg  # a checked config is not checked again
+
+
+def test_discriminator_phase_is_the_logistic_loss_plus_the_scaled_r1_penalty(tmp_path):
+    """D main + D reg against their definitions: softplus(-D(x)) + softplus(D(G(z))) + gamma/2 ·
+    interval · E|∇_x D(x)|², with the same latents."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.r1_gamma=0.3", "loss.r1_interval=4")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    x = next(iter(dm.train_dataloader()))["image"]
+    inputs = module.loss.prepare(x)
+    torch.manual_seed(4)
+    loss, logs = module.loss.discriminator(inputs, (False, True), r1=True)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        fake = module.G(torch.randn(x.shape[0], module.G.z_dim), inputs.c_noise)
+    real = x.detach().clone().requires_grad_(True)
+    real_logits = module.D(real, inputs.c_real)
+    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    logistic = F.softplus(-real_logits).mean() + F.softplus(module.D(fake, inputs.c_noise)).mean()
+    expected = logistic + 0.3 / 2 * 4 * grad.square().sum(dim=[1, 2, 3]).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logs["train/loss_d"], logistic.detach(), rtol=1e-5, atol=1e-6)
+    no_r1, _ = module.loss.discriminator(inputs, (False, True), r1=False)
+    assert float(loss.detach()) > float(no_r1.detach())

@@ -1,34 +1,55 @@
 """Explanations of a classifier through the StyleSpace of a trained StylEx generator.
 
+The search:
+
+- :mod:`stylex.explain.measures`: effect measures (probability, one-vs-rest logit), the
+  min/max edit targets and multi-coordinate edits;
+- :mod:`stylex.explain.evaluator`: :class:`EffectEvaluator`, rendering edited styles (prefix
+  reuse) and classifying the renders;
+- :mod:`stylex.explain.predict`: the per-image work as Lightning predict steps, on one device or
+  all of a machine;
+- :mod:`stylex.explain.result`: ranked attributes and :class:`AttFindResult`;
+- :mod:`stylex.explain.config`: :class:`AttFindConfig`, the settings of a search;
 - :mod:`stylex.explain.attfind`: AttFind, the search for the style coordinates that move the
-  classifier (class-specific and image-specific rankings);
-- :mod:`stylex.explain.metrics`: sufficiency (flip rate against baselines) and ground-truth
-  recovery / purity on the synthetic data set;
-- :mod:`stylex.explain.report`: panels, GIFs, the flip-rate plot, JSON and the HTML report;
+  classifier (class-specific and image-specific rankings).
+
+Judging it:
+
+- :mod:`stylex.explain.metrics`: sufficiency (flip rate against baselines) and the agreement of
+  two searches;
+- :mod:`stylex.explain.factors`: ground truth on the synthetic data set: the factor probe,
+  recovery and purity.
+
+Showing it:
+
+- :mod:`stylex.explain.drawing`: panels, GIFs and the line plot, drawn with PIL;
+- :mod:`stylex.explain.report`: the report folder (panels, GIFs, plot, JSON) and
+  :mod:`stylex.explain.html_page` its self-contained HTML page;
+- :mod:`stylex.explain.loggers`: the explanation sent to Lightning loggers and to W&B.
+
+Running it:
+
+- :mod:`stylex.explain.inputs`: the export, config and images of a trained run;
+- :mod:`stylex.explain.pipeline`: search + metrics + report (:func:`explain_and_report`) and a
+  whole trained run (:func:`explain_run`);
 - :mod:`stylex.explain.callback`: the post-training explanation as a Lightning callback;
-- :mod:`stylex.explain.cli`: ``python explain.py``.
+- :mod:`stylex.explain.cli`: ``python explain.py`` (options only; nothing imports it).
 """
 
-from stylex.explain.attfind import (
-    AttFind,
-    AttFindConfig,
-    AttFindResult,
-    Attribute,
-    EffectEvaluator,
-    agreement,
-    greedy_class_ranking,
-)
+from stylex.explain.attfind import AttFind, AttFindConfig
 from stylex.explain.callback import ExplainCallback
-from stylex.explain.metrics import (
+from stylex.explain.evaluator import EffectEvaluator
+from stylex.explain.factors import (
     FactorProbe,
     GroundTruth,
-    Sufficiency,
     ground_truth,
     recovery_purity,
-    sufficiency,
     train_factor_probe,
 )
-from stylex.explain.report import Report, explain_and_report, write_report
+from stylex.explain.metrics import Sufficiency, agreement, sufficiency
+from stylex.explain.pipeline import ExplainRequest, explain_and_report, explain_run
+from stylex.explain.report import Report, write_report
+from stylex.explain.result import AttFindResult, Attribute, greedy_class_ranking
 
 __all__ = [
     "AttFind",
@@ -37,12 +58,14 @@ __all__ = [
     "Attribute",
     "EffectEvaluator",
     "ExplainCallback",
+    "ExplainRequest",
     "FactorProbe",
     "GroundTruth",
     "Report",
     "Sufficiency",
     "agreement",
     "explain_and_report",
+    "explain_run",
     "greedy_class_ranking",
     "ground_truth",
     "recovery_purity",

@@ -3,31 +3,36 @@
 After fit (and, optionally, every N epochs) the callback encodes a spread-out sample of the
 validation split with the run's encoder, runs AttFind with the EMA generator and the frozen
 classifier, writes the report (see :mod:`stylex.explain.report`) and hands the ranked table and
-the panels to the run's loggers (W&B: a table and images; TensorBoard: images and a text table;
-CSV: nothing). It runs on rank zero only and never stops a finished training: a failure is
-logged, not raised.
+the panels to the run's loggers (see :mod:`stylex.explain.loggers`). It runs on rank zero only
+and never stops a finished training: a failure is logged, not raised.
+
+The signature of :class:`ExplainCallback` is the only source of its defaults (the Hydra config
+is generated from it): every parameter has a plain type OmegaConf accepts, and a relative
+``out_dir`` is resolved against the trainer's run folder (``trainer.default_root_dir``) when
+the callback runs, so the config need not know that folder.
 
 The defaults keep it within about half a minute at the CPU quickstart size (32x32, 1280 style
 coordinates, 64 images): the search pre-screens coordinates with one gradient per image and
 renders only the most promising edits.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the signature's annotations stay real types, for
+# the config generated from it.
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
 from stylex.data.base import spread_indices
 from stylex.explain.attfind import AttFind, AttFindConfig
-from stylex.explain.report import Report, explain_and_report
+from stylex.explain.loggers import log_report
+from stylex.explain.pipeline import explain_and_report
+from stylex.explain.report import Report
+from stylex.utils.runs import in_run
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +41,15 @@ class ExplainCallback(pl.Callback):
     """Explains the classifier with the model being trained.
 
     Args:
-        out_dir: report folder (``<run>/explain``); periodic reports go to ``epoch_<n>/`` in it.
+        out_dir: report folder; a relative path is taken inside the run folder
+            (``trainer.default_root_dir``), so the default is ``<run>/explain``. Periodic reports
+            go to ``epoch_<n>/`` in it.
         top_k: attributes ranked per class.
         num_images: validation images explained.
         every_n_epochs: also explain after every N training epochs (0 = only after fit).
         shift_size: how far each coordinate moves toward its min / max (1 = all the way).
         prescreen: candidate edits per class rendered exactly (None = every coordinate, slow on
-            a CPU; see :class:`~stylex.explain.attfind.AttFindConfig`).
+            a CPU; see :class:`~stylex.explain.config.AttFindConfig`).
         flip_k: flip-rate curve for k = 1..flip_k (0 = none).
         examples: example pairs per attribute in the panels.
         threads: CPU threads for torch while explaining (None = unchanged). On a CPU shared
@@ -53,15 +60,15 @@ class ExplainCallback(pl.Callback):
 
     def __init__(
         self,
-        out_dir: str | Path,
+        out_dir: str = "explain",  # a Path works too
         top_k: int = 4,
         num_images: int = 64,
         every_n_epochs: int = 0,
         shift_size: float = 1.0,
-        prescreen: int | None = 16,
+        prescreen: Optional[int] = 16,
         flip_k: int = 6,
         examples: int = 4,
-        threads: int | None = None,
+        threads: Optional[int] = None,
         enabled: bool = True,
     ) -> None:
         if int(top_k) < 1 or int(num_images) < 1:
@@ -75,21 +82,25 @@ class ExplainCallback(pl.Callback):
         self.examples = int(examples)
         self.threads = None if threads is None else int(threads)
         self.enabled = bool(enabled)
-        self.last_report: Report | None = None
+        self.last_report: Optional[Report] = None
 
     # ---------------------------------------------------------------- hooks
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         if self.enabled and self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0:
-            self.explain(trainer, pl_module, self.out_dir / f"epoch_{epoch:04d}")
+            self.explain(trainer, pl_module, self.report_dir(trainer) / f"epoch_{epoch:04d}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
-            self.explain(trainer, pl_module, self.out_dir)
+            self.explain(trainer, pl_module, self.report_dir(trainer))
+
+    def report_dir(self, trainer: pl.Trainer) -> Path:
+        """``out_dir``, a relative one inside the run folder (``trainer.default_root_dir``)."""
+        return in_run(trainer, self.out_dir)
 
     # ---------------------------------------------------------------- the work
     @rank_zero_only
-    def explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out_dir: Path) -> Report | None:
+    def explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out_dir: Path) -> Optional[Report]:
         """Run AttFind and write / log the report; returns it (None when skipped or failed)."""
         dm = getattr(trainer, "datamodule", None)
         dataset = getattr(dm, "val_dataset", None)
@@ -139,46 +150,3 @@ class ExplainCallback(pl.Callback):
             torch.set_num_threads(threads)
         log.info("explanation took %.1f s", time.perf_counter() - t0)
         return report
-
-
-# ============================================================================ loggers
-def attribute_table(report: Report) -> tuple[list[str], list[list[Any]]]:
-    """The ranked attributes of every class as (columns, rows)."""
-    columns = ["class", "rank", "coordinate", "layer", "channel", "direction", "mean_probability_change",
-               "share_affected", "flip_share"]
-    rows = [[name, a["rank"], a["coordinate"], a["layer"], a["channel"], a["direction"],
-             a["mean_probability_change"], a["share_affected"], a["flip_share"]]
-            for name, cls in report.data["classes"].items() for a in cls["attributes"]]
-    return columns, rows
-
-
-def log_report(
-    logger: Any,  # a Lightning logger
-    report: Report,
-    step: int = 0,
-) -> None:
-    """Send the table and panels to a Lightning logger; a logging failure only warns."""
-    name = type(logger).__name__
-    columns, rows = attribute_table(report)
-    panels = sorted(report.panels.items())
-    try:
-        if name == "WandbLogger":
-            logger.log_table(key="explain/attributes", columns=columns, data=rows)
-            logger.log_image(key="explain/panels", images=[str(p) for _, p in panels],
-                             caption=[f"class {c} #{r}" for (c, r), _ in panels])
-            if report.plot is not None:
-                logger.log_image(key="explain/flip_rate", images=[str(report.plot)])
-        elif name == "TensorBoardLogger":
-            exp = logger.experiment
-            for (c, r), path in panels:
-                exp.add_image(f"explain/class{c}_rank{r}", np.asarray(Image.open(path).convert("RGB")),
-                              global_step=step, dataformats="HWC")
-            if report.plot is not None:
-                exp.add_image("explain/flip_rate", np.asarray(Image.open(report.plot).convert("RGB")),
-                              global_step=step, dataformats="HWC")
-            text = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-            text += "\n".join("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |"
-                              for r in rows)
-            exp.add_text("explain/attributes", text, global_step=step)
-    except Exception as e:  # a logging backend must never stop training
-        log.warning("could not log the explanation to %s: %s", name, e)

@@ -1,4 +1,4 @@
-"""How good is an explanation? Sufficiency (flip rate) and ground truth on the synthetic data.
+"""How good is an explanation? Sufficiency (flip rate) and agreement between two searches.
 
 Sufficiency / flip rate
     For every image take its top-k attributes, change them together (each coordinate moved to
@@ -9,62 +9,29 @@ Sufficiency / flip rate
     ``variance`` over the image set. A baseline coordinate is moved toward whichever extreme is
     farther from the image's value (a choice that needs no classifier either).
 
-Ground truth (synthetic data set, :mod:`stylex.data.synthetic`)
-    A small CNN, the *factor probe*, is trained on synthetic scenes to read the generative
-    factors back from an image. An attribute's effect on a factor is the mean change of the
-    probe's reading between original and edited renders, in units of the factor's standard
-    deviation over the data; its *main factor* is the factor it moves most (None when no
-    readable factor moves by ``min_effect``). Over a top-K list:
+Agreement
+    How well one search (e.g. a pre-screened one) reproduces another (the exhaustive search of
+    the same images): overlap of the top-k lists and equality of the first attribute, for the
+    class and the image rankings.
 
-    - recovery = share of the causal factors that are the main factor of some attribute;
-    - purity = share of the attributes whose main factor is causal.
+Ground truth on the synthetic data set (recovery / purity) is in
+:mod:`stylex.explain.factors`.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from stylex.explain.attfind import AttFindResult, EffectEvaluator
+from stylex.explain.evaluator import EffectEvaluator
+from stylex.explain.measures import apply_edits, farther_direction
+from stylex.explain.result import AttFindResult
 
 BASELINES = ("random", "variance")
-# Factors a probe can read from pixels; the integer seeds only reshuffle shapes and are left out.
-PROBE_FACTORS = ["exudates", "haemorrhages", "brightness", "hue", "disc_x", "disc_y", "vessel_angle", "fundus_radius"]
-
-
-# ============================================================================ multi-coordinate edits
-def apply_edits(
-    flat: torch.Tensor,  # [N, S] styles
-    targets: torch.Tensor,  # [N, S, 2] the edited value of every coordinate in each direction
-    coords: torch.Tensor,  # [N, k] int64 coordinates to change per image (-1 = none)
-    dirs: torch.Tensor,  # [N, k] int64 direction of each (0 = toward min, 1 = toward max)
-) -> torch.Tensor:  # [N, S]
-    """``flat`` with, in row n, every listed coordinate set to its target in its direction."""
-    n, s = flat.shape
-    assert targets.shape == (n, s, 2), f"targets must be [{n}, {s}, 2], got {tuple(targets.shape)}"
-    assert coords.shape == dirs.shape and coords.shape[0] == n, (
-        f"coords and dirs must both be [{n}, k], got {tuple(coords.shape)} and {tuple(dirs.shape)}"
-    )
-    out = flat.clone()
-    for j in range(coords.shape[1]):  # one column at a time: k is small, and -1 slots are skipped
-        rows = torch.nonzero(coords[:, j] >= 0).flatten()
-        c, d = coords[rows, j], dirs[rows, j]
-        out[rows, c] = targets[rows, c, d].to(out.dtype)
-    return out
-
-
-def farther_direction(
-    flat: torch.Tensor,  # [N, S]
-    targets: torch.Tensor,  # [N, S, 2]
-) -> torch.Tensor:  # [N, S] int64: the direction whose target lies farther from the value
-    return ((targets[..., 1] - flat).abs() > (targets[..., 0] - flat).abs()).long()
 
 
 # ============================================================================ rankings to compare
@@ -178,227 +145,43 @@ def sufficiency(
     return Sufficiency(ks=ks, curves=curves, num_images=int(keep.numel()), seconds=time.perf_counter() - t0)
 
 
-# ============================================================================ ground truth: the factor probe
-class FactorProbe(nn.Module):
-    """Reads generative factors back from images: ``[B, 3, R, R] in [-1, 1] -> [B, F]`` in factor
-    units (the network predicts standardised values; ``mean``/``std`` undo that)."""
-
-    def __init__(
-        self,
-        factor_names: Sequence[str] = PROBE_FACTORS,
-        width: int = 32,
-    ) -> None:
-        super().__init__()
-        self.factor_names = list(factor_names)
-        f = len(self.factor_names)
-        w = width
-        self.net = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-        )
-        # Position factors (disc_x, disc_y) need to know *where* things are: keep a coarse map
-        # instead of averaging space away.
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(4 * w * 16, 128),
-                                  nn.LeakyReLU(0.2), nn.Linear(128, f))
-        self.register_buffer("mean", torch.zeros(f))
-        self.register_buffer("std", torch.ones(f))
-        self.r2: dict[str, float] = {}
-
-    def forward(
-        self,
-        images: torch.Tensor,  # [B, 3, R, R] in [-1, 1]
-    ) -> torch.Tensor:  # [B, F] standardised factors
-        return self.head(self.net(images))
-
-    @torch.no_grad()
-    def read(
-        self,
-        images: torch.Tensor,  # [B, 3, R, R] in [-1, 1]
-    ) -> torch.Tensor:  # [B, F] in factor units
-        out = [self(images[i : i + 256].float()) for i in range(0, images.shape[0], 256)]
-        return torch.cat(out) * self.std + self.mean
-
-    def readable(self, min_r2: float) -> list[str]:
-        """Factors the probe reads with held-out R^2 >= ``min_r2``."""
-        return [name for name in self.factor_names if self.r2.get(name, -math.inf) >= min_r2]
-
-
-def _synthetic_arrays(num: int, seed: int, split: str, resolution: int, names: Sequence[str]):
-    from stylex.data.synthetic import FACTOR_NAMES, generate_split
-
-    data = generate_split(num, seed, split, resolution)
-    images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    cols = [FACTOR_NAMES.index(n) for n in names]
-    return images, torch.from_numpy(data["factors"][:, cols]).float()
-
-
-def train_factor_probe(
-    resolution: int,
-    num_train: int = 2048,
-    num_val: int = 256,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-    factor_names: Sequence[str] = PROBE_FACTORS,
-    device: str | torch.device = "cpu",
-    data_seed: int = 12345,  # scenes independent of any training run's default seed
-) -> FactorProbe:
-    """Train a probe on freshly rendered synthetic scenes; its ``r2`` holds the held-out R^2 of
-    every factor."""
-    torch.manual_seed(seed)
-    x, y = _synthetic_arrays(num_train, data_seed, "train", resolution, factor_names)
-    xv, yv = _synthetic_arrays(num_val, data_seed, "val", resolution, factor_names)
-    probe = FactorProbe(factor_names).to(device)
-    probe.mean.copy_(y.mean(0))
-    probe.std.copy_(y.std(0).clamp_min(1e-6))
-    yz = (y - y.mean(0)) / probe.std.cpu()
-    opt = torch.optim.Adam(probe.parameters(), lr=lr)
-    steps = epochs * math.ceil(num_train / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    probe.train()
-    for _ in range(epochs):
-        order = torch.randperm(num_train, generator=gen)
-        for i in range(0, num_train, batch_size):
-            idx = order[i : i + batch_size]
-            loss = F.mse_loss(probe(x[idx].to(device)), yz[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    probe.eval().requires_grad_(False)
-    pred = probe.read(xv.to(device)).cpu()
-    var = yv.var(0, correction=0).clamp_min(1e-12)
-    r2 = 1 - (pred - yv).square().mean(0) / var
-    probe.r2 = {name: float(v) for name, v in zip(factor_names, r2)}
-    return probe
-
-
-# ============================================================================ ground truth: attributes -> factors
-def factor_changes(
-    probe: FactorProbe,
-    originals: torch.Tensor,  # [B, 3, R, R] in [-1, 1]
-    modified: torch.Tensor,  # [B, 3, R, R]: the same images with one attribute changed
-) -> dict[str, float]:  # factor -> |mean change| in standard deviations of the factor
-    """How far an edit moves each factor, as read by the probe."""
-    assert originals.shape == modified.shape, (
-        f"originals {tuple(originals.shape)} and modified {tuple(modified.shape)} must match"
-    )
-    delta = (probe.read(modified.clamp(-1, 1)) - probe.read(originals.clamp(-1, 1))).mean(0) / probe.std
-    return {name: float(v.abs()) for name, v in zip(probe.factor_names, delta.cpu())}
-
-
-def main_factor(
-    changes: dict[str, float],  # factor -> normalised change
-    readable: Sequence[str],  # factors the probe reads well enough to be trusted
-    min_effect: float = 0.25,  # in standard deviations
-) -> str | None:
-    """The readable factor that moved most, or None when none moved by ``min_effect``."""
-    candidates = {name: v for name, v in changes.items() if name in readable}
-    if not candidates:
-        return None
-    name = max(candidates, key=candidates.get)
-    return name if candidates[name] >= min_effect else None
-
-
-def recovery_purity(
-    main_factors: Sequence[str | None],  # main factor of each top-K attribute
-    causal: Sequence[str],  # the factors the label depends on
-) -> tuple[float, float]:  # (recovery, purity)
-    """recovery = |causal ∩ main factors| / |causal|; purity = share of attributes whose main
-    factor is causal (NaN for an empty list)."""
-    causal = list(causal)
-    if not causal:
-        raise ValueError("recovery needs at least one causal factor")
-    found = {f for f in main_factors if f in causal}
-    recovery = len(found) / len(causal)
-    purity = sum(f in causal for f in main_factors) / len(main_factors) if main_factors else float("nan")
-    return recovery, purity
-
-
-@dataclass
-class GroundTruth:
-    """Main factors of the ranked attributes, and recovery / purity per class and overall."""
-
-    per_class: dict[int, dict[str, Any]]  # class -> {"factors": [...], "changes": [...], "recovery", "purity"}
-    recovery: float  # over the attributes of all classes together
-    purity: float
-    probe_r2: dict[str, float]
-    readable: list[str]
-    causal: list[str]
-    min_effect: float = 0.25  # the threshold the main factors were read with
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def scores_at(self, min_effect: float) -> tuple[float, float]:
-        """Overall (recovery, purity) with every attribute's main factor re-read at another
-        ``min_effect``: how much the figures hang on that threshold."""
-        factors = [main_factor(ch, self.readable, min_effect)
-                   for pc in self.per_class.values() for ch in pc["changes"]]
-        return recovery_purity(factors, self.causal)
-
-    def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-        name = (lambda c: class_names[c]) if class_names else str
-        return {
-            "recovery": self.recovery,
-            "purity": self.purity,
-            "min_effect": self.min_effect,
-            "causal_factors": self.causal,
-            "readable_factors": self.readable,
-            "probe_r2": self.probe_r2,
-            "classes": {name(c): v for c, v in self.per_class.items()},
-            **self.extra,
-        }
-
-
-@torch.no_grad()
-def ground_truth(
-    result: AttFindResult,
-    evaluator: EffectEvaluator,
-    probe: FactorProbe,
-    causal: Sequence[str] | None = None,  # default: the synthetic data's causal factors
-    max_images: int = 32,  # pool images each attribute is applied to
-    min_r2: float = 0.5,
-    min_effect: float = 0.25,
-) -> GroundTruth:
-    """Which factor each class-ranked attribute changes, and recovery / purity of the rankings."""
-    if causal is None:
-        from stylex.data.synthetic import CAUSAL_FACTORS
-
-        causal = CAUSAL_FACTORS
-    causal = list(causal)
-    readable = probe.readable(min_r2)
-    missing = [f for f in causal if f not in readable]
-    device = evaluator.device
-    per_class: dict[int, dict[str, Any]] = {}
-    everything: list[str | None] = []
-    for c, attributes in result.rankings.items():
-        pool = result.pools[c][:max_images]
-        flat, targets = result.flat[pool], result.targets[pool]
-        originals = evaluator.space.render(flat.to(device), noise_mode=evaluator.noise_mode).cpu()
-        factors, changes = [], []
-        for a in attributes:
-            coords = torch.full((pool.numel(), 1), a.coordinate, dtype=torch.long)
-            dirs = torch.full_like(coords, a.direction)
-            edited = apply_edits(flat, targets, coords, dirs)
-            modified = evaluator.space.render(edited.to(device), noise_mode=evaluator.noise_mode).cpu()
-            ch = factor_changes(probe, originals.to(next(probe.parameters()).device),
-                                modified.to(next(probe.parameters()).device))
-            changes.append(ch)
-            factors.append(main_factor(ch, readable, min_effect))
-        rec, pur = recovery_purity(factors, causal)
-        per_class[c] = {"factors": factors, "changes": changes, "recovery": rec, "purity": pur}
-        everything += factors
-    recovery, purity = recovery_purity(everything, causal)
-    extra = {"unreadable_causal_factors": missing} if missing else {}
-    return GroundTruth(per_class=per_class, recovery=recovery, purity=purity, probe_r2=dict(probe.r2),
-                       readable=readable, causal=causal, min_effect=float(min_effect), extra=extra)
-
-
 def summarize_curve(values: Sequence[float]) -> float:
     """Area under a flip-rate curve, normalised to [0, 1] (the mean over k)."""
     arr = np.asarray(list(values), dtype=np.float64)
     return float(arr.mean()) if arr.size else float("nan")
+
+
+# ============================================================================ comparing two searches
+def agreement(
+    approx: AttFindResult,  # e.g. a pre-screened search
+    exact: AttFindResult,  # the exhaustive search of the same images
+    k: int | None = None,  # top-k compared (default: the smaller top_k of the two)
+) -> dict[str, float]:
+    """How well ``approx`` reproduces ``exact``:
+
+    - ``class_overlap``: mean over classes of |top-k(approx) ∩ top-k(exact)| / k, pairs compared
+      as (coordinate, direction);
+    - ``class_top1``: share of classes whose first attribute is the same;
+    - ``image_overlap`` / ``image_top1``: the same for the image-specific rankings, averaged over
+      images.
+    """
+    k = int(k or min(approx.top_k, exact.top_k))
+    classes = [c for c in exact.classes if c in approx.rankings]
+    overlap, top1 = [], []
+    for c in classes:
+        a = [x.pair for x in approx.rankings[c][:k]]
+        e = [x.pair for x in exact.rankings[c][:k]]
+        overlap.append(len(set(a) & set(e)) / max(1, len(e)))
+        top1.append(float(bool(a) and bool(e) and a[0] == e[0]))
+    img_overlap, img_top1 = [], []
+    for n in range(exact.num_images):
+        a = [(i, d) for i, d, _ in approx.image_topk(n, k)]
+        e = [(i, d) for i, d, _ in exact.image_topk(n, k)]
+        img_overlap.append(len(set(a) & set(e)) / max(1, len(e)))
+        img_top1.append(float(bool(a) and bool(e) and a[0] == e[0]))
+
+    def mean(v: list[float]) -> float:
+        return sum(v) / len(v) if v else float("nan")
+
+    return {"k": k, "class_overlap": mean(overlap), "class_top1": mean(top1),
+            "image_overlap": mean(img_overlap), "image_top1": mean(img_top1)}

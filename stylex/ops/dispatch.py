@@ -1,12 +1,37 @@
-"""Choice between the reference and the fused CUDA implementation of an op."""
+"""Choice between the reference and the fused CUDA implementation of an op, and the extension
+that holds the fused ones.
+
+:func:`use_cuda` decides per call: CPU tensors and ``impl="ref"`` take the reference; otherwise
+the fused path when the extension is available. ``impl=None`` means the process-wide default
+(:func:`set_default_impl`, else ``$STYLEX_OPS_IMPL``, else ``"auto"``). ``auto`` falls back to
+the reference with one warning per process when the extension cannot be built; ``cuda`` raises
+the cause instead.
+
+The one compiled extension of this project is declared here (:data:`SPEC`, built lazily by
+:data:`EXTENSION`, see :mod:`stylex.ops._build`) with the ops it provides (:data:`OPS`) and
+the dtypes its kernels take (:data:`KERNEL_DTYPES`). The op modules reach the compiled module
+through :func:`extension` and never through each other; nothing is built at import.
+"""
 
 from __future__ import annotations
 
 import os
+from types import ModuleType
 
 import torch
 
+from stylex.ops._build import ExtensionSpec, JitExtension
+
 IMPLS = ("auto", "cuda", "ref")
+OPS = ("upfirdn2d", "bias_act")  # the ops with a fused kernel in the extension
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # others take the reference path
+SPEC = ExtensionSpec(
+    prefix="stylex_fused_ops",
+    sources=("stylex_ops.cpp", "bias_act.cu", "upfirdn2d.cu"),
+    headers=("stylex_ops.h", "dtype_io.cuh", "host_kernels.h"),
+    title="the fused CUDA ops",
+)
+EXTENSION = JitExtension(SPEC)
 _default_impl: str | None = None
 
 
@@ -28,6 +53,27 @@ def get_default_impl() -> str:
     return _check(os.environ.get("STYLEX_OPS_IMPL", "auto"), "STYLEX_OPS_IMPL")
 
 
+def extension() -> ModuleType:
+    """The compiled module, built on first use; raises :class:`~stylex.ops._build.BuildError`."""
+    return EXTENSION.load()
+
+
+def load_host_kernels() -> ModuleType:
+    """The same kernels compiled for CPU tensors (tests; see :func:`stylex.ops._build.host_config`)."""
+    return EXTENSION.load_host()
+
+
+def available(op: str, strict: bool = False) -> bool:
+    """Whether the fused kernel for ``op`` can run; builds the extension on first use.
+
+    ``strict`` (``impl="cuda"``) raises :class:`~stylex.ops._build.BuildError` with the cause;
+    otherwise a failure warns once per process and the caller takes the reference path.
+    """
+    if op not in OPS:
+        raise ValueError(f"no fused CUDA kernel for {op!r}; the fused ops are {', '.join(OPS)}")
+    return EXTENSION.available(strict, f"the fused CUDA kernel for {op}")
+
+
 def use_cuda(x: torch.Tensor, impl: str | None, op: str) -> bool:
     """Whether a call on ``x`` takes the fused CUDA path.
 
@@ -37,6 +83,4 @@ def use_cuda(x: torch.Tensor, impl: str | None, op: str) -> bool:
     impl = _check(impl, "impl") if impl is not None else get_default_impl()
     if impl == "ref" or not x.is_cuda:
         return False
-    from stylex.ops import cuda_build
-
-    return cuda_build.available(op, strict=(impl == "cuda"))
+    return available(op, strict=(impl == "cuda"))

@@ -11,18 +11,24 @@
 5. multiplication by ``gain`` (applied to the filter, so separable filters get
    ``gain ** 0.5`` per axis).
 
-The reference below is written with differentiable PyTorch operations, so its first- and
-second-order gradients come from autograd.
+Two implementations with one contract, side by side: :func:`upfirdn2d_ref`, written with
+differentiable PyTorch operations (its first- and second-order gradients come from autograd),
+and the fused CUDA kernel of ``custom_ops/`` behind the autograd Function :class:`_Upfirdn2d`
+(:func:`_upfirdn2d_cuda`). :func:`upfirdn2d` checks the arguments and lets
+:func:`stylex.ops.dispatch.use_cuda` pick one. The fused path's gradient is itself an
+``upfirdn2d``, with swapped factors and the flipped filter (:func:`adjoint_padding`), so
+gradients of any order run on the kernel.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from stylex.ops.dispatch import use_cuda
+from stylex.ops import dispatch
 
 IntPair = int | Sequence[int]
 
@@ -112,10 +118,8 @@ def upfirdn2d(
             f"upfirdn2d output would be empty: input {tuple(x.shape[2:])}, up=({upx},{upy}), "
             f"down=({downx},{downy}), padding={(px0, px1, py0, py1)}, filter {fh}x{fw}"
         )
-    if use_cuda(x, impl, "upfirdn2d"):
-        from stylex.ops import cuda_build
-
-        return cuda_build.upfirdn2d(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
+    if dispatch.use_cuda(x, impl, "upfirdn2d"):
+        return _upfirdn2d_cuda(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
     return upfirdn2d_ref(x, f, (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain)
 
 
@@ -163,6 +167,108 @@ def upfirdn2d_ref(
     if downx > 1 or downy > 1:
         x = x[:, :, ::downy, ::downx]
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused CUDA path
+# ---------------------------------------------------------------------------------------------
+
+_force_generic = False
+
+
+@contextlib.contextmanager
+def force_generic_upfirdn2d() -> Iterator[None]:
+    """Route the fused path through the generic kernel even where a specialised one applies (tests)."""
+    global _force_generic
+    saved, _force_generic = _force_generic, True
+    try:
+        yield
+    finally:
+        _force_generic = saved
+
+
+def upfirdn2d_path(
+    f: torch.Tensor,  # [taps] or [taps_y, taps_x]
+    up: tuple[int, int],  # (x, y)
+    down: tuple[int, int],  # (x, y)
+) -> str:
+    """Name of the kernel a configuration takes: ``generic``, ``k4``, ``k4_up2`` or ``k4_down2``."""
+    fw, fh = filter_size(f)
+    if _force_generic:
+        return "generic"
+    return dispatch.extension().upfirdn2d_path(fw, fh, up[0], up[1], down[0], down[1])
+
+
+def adjoint_padding(
+    in_size: tuple[int, int],  # (height, width) of upfirdn2d's input
+    out_size: tuple[int, int],  # (height, width) of its output
+    f: torch.Tensor,
+    up: tuple[int, int],
+    down: tuple[int, int],
+    pad: tuple[int, int, int, int],  # (x0, x1, y0, y1)
+) -> tuple[int, int, int, int]:
+    """Padding that makes ``upfirdn2d(dy, f, up=down, down=up, flip_filter=not flip)`` the adjoint.
+
+    The adjoint of the valid convolution is a full correlation (``taps - 1`` of padding, less
+    the forward's leading padding); the trailing side is cut so that the result, decimated by
+    ``up``, is exactly the input's size.
+    """
+    fw, fh = filter_size(f)
+    (in_h, in_w), (out_h, out_w) = in_size, out_size
+    upx, upy = up
+    downx, downy = down
+    px0, _, py0, _ = pad
+    return (
+        fw - px0 - 1,
+        in_w * upx - out_w * downx + px0 - upx + 1,
+        fh - py0 - 1,
+        in_h * upy - out_h * downy + py0 - upy + 1,
+    )
+
+
+class _Upfirdn2d(torch.autograd.Function):
+    """The fused kernel; its gradient is the fused kernel again (see :func:`adjoint_padding`)."""
+
+    @staticmethod
+    def forward(ctx, x, f, up, down, pad, flip_filter, gain):  # noqa: D102
+        y = dispatch.extension().upfirdn2d(x, f, *up, *down, *pad, flip_filter, gain, _force_generic)
+        ctx.save_for_backward(f)
+        ctx.config = (up, down, pad, flip_filter, gain, tuple(x.shape[2:]), tuple(y.shape[2:]))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        (f,) = ctx.saved_tensors
+        up, down, pad, flip_filter, gain, in_size, out_size = ctx.config
+        dx = None
+        if ctx.needs_input_grad[0]:
+            gpad = adjoint_padding(in_size, out_size, f, up, down, pad)
+            dx = _Upfirdn2d.apply(dy, f, down, up, gpad, not flip_filter, gain)
+        return dx, None, None, None, None, None, None
+
+
+def _upfirdn2d_cuda(
+    x: torch.Tensor,  # [batch, channels, height, width], CUDA
+    f: torch.Tensor,  # [taps] or [taps_y, taps_x]
+    up: tuple[int, int],  # (x, y)
+    down: tuple[int, int],  # (x, y)
+    pad: tuple[int, int, int, int],  # (x0, x1, y0, y1); negative crops
+    flip_filter: bool,
+    gain: float,
+) -> torch.Tensor:
+    """The fused path of :func:`upfirdn2d` (arguments checked); differentiable to any order in ``x``.
+
+    Float64 inputs (gradcheck) and filters that need a gradient take the reference path: the
+    kernels cover float32, float16 and bfloat16 and differentiate with respect to ``x`` only.
+    """
+    if x.dtype not in dispatch.KERNEL_DTYPES or (f.requires_grad and torch.is_grad_enabled()):
+        return upfirdn2d_ref(x, f, up, down, pad, flip_filter, gain)
+    return _Upfirdn2d.apply(x, f, tuple(up), tuple(down), tuple(pad), bool(flip_filter), float(gain))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling built on upfirdn2d
+# ---------------------------------------------------------------------------------------------
 
 
 def _resample_padding(f: torch.Tensor | None, up: int, down: int, padding: int) -> tuple[int, int, int, int]:

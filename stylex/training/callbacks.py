@@ -1,23 +1,54 @@
-"""Callbacks of a StylEx run: image grids, the export, a summary of figures at the end."""
+"""Callbacks of a StylEx run: checkpoints, image grids, the encoder fit, the export, throughput
+and a summary of figures at the end.
+
+``configs/callbacks/default.yaml`` lists them (with the explanation) in the order Lightning runs
+them; their signatures hold the defaults (the config is built from them). Paths are relative to
+the run folder (the trainer's ``default_root_dir``) unless absolute.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from stylex.data.base import spread_indices
 from stylex.export import save_export
 from stylex.utils.io import atomic_write, atomic_write_json
+from stylex.utils.loggers import log_images
+from stylex.utils.runs import in_run
 
 log = logging.getLogger(__name__)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint set up for a GAN run: every ``every_n_steps`` training steps
+    ``step<NNNNNN>.ckpt`` (the newest ``keep`` kept, -1 = all) and always ``last.ckpt``.
+
+    There is no "best" model (a GAN has no validation loss to rank by): the generator step
+    counter is the monitored value, so the newest checkpoints are kept.
+    """
+
+    def __init__(self, dirpath: str = "checkpoints", every_n_steps: int = 200, keep: int = 3) -> None:
+        super().__init__(
+            dirpath=None, filename="step{step:06d}", auto_insert_metric_name=False,
+            every_n_train_steps=int(every_n_steps), save_top_k=int(keep), monitor="g_step", mode="max",
+            save_last=True, save_on_train_epoch_end=False,
+        )
+        self._run_dirpath = dirpath
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(in_run(trainer, self._run_dirpath))
+        super().setup(trainer, pl_module, stage)
 
 
 def _is_due(pl_module, every: int) -> bool:
@@ -30,7 +61,7 @@ class SampleGrid(pl.Callback):
     (encoder → EMA generator), then one row of samples per class (fixed latents, one-hot
     conditioning). Captions name the classifier's predicted class of each image."""
 
-    def __init__(self, out_dir: str | Path, every_n_steps: int = 200, num_images: int = 8, seed: int = 0):
+    def __init__(self, out_dir: str = "samples", every_n_steps: int = 200, num_images: int = 8, seed: int = 0):
         self.out_dir = Path(out_dir)
         self.every = int(every_n_steps)
         self.num_images = int(num_images)
@@ -65,12 +96,12 @@ class SampleGrid(pl.Callback):
     def write(self, trainer, pl_module) -> Path:
         grid = self.render(trainer, pl_module)
         step = pl_module.count("g_steps")
-        path = self.out_dir / f"step_{step:06d}.png"
+        path = in_run(trainer, self.out_dir) / f"step_{step:06d}.png"
         atomic_write(path, lambda p: save_image(grid, str(p), format="png"))
         self.last_path = path
         caption = "rows: real | reconstruction | " + " | ".join(f"samples of '{n}'" for n in pl_module.class_names)
         for logger in trainer.loggers:
-            _log_image(logger, "samples", path, grid, step, caption)
+            log_images(logger, "samples", [path], step, [caption])
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -81,41 +112,31 @@ class SampleGrid(pl.Callback):
         self.write(trainer, pl_module)
 
 
-def _log_image(logger, key: str, path: Path, grid: torch.Tensor, step: int, caption: str) -> None:
-    name = type(logger).__name__
-    try:
-        if name == "WandbLogger":
-            logger.log_image(key=key, images=[str(path)], caption=[caption], step=None)
-        elif name == "TensorBoardLogger":
-            logger.experiment.add_image(key, grid, global_step=step)
-    except Exception as e:  # a logging backend must never stop training
-        log.warning("could not log %s to %s: %s", key, name, e)
-
-
 class Exporter(pl.Callback):
-    """Writes the export (EMA generator, encoder, classifier, config) to ``<run>/export`` at the
-    end of training and every ``every_n_steps`` generator steps (0 = only at the end)."""
+    """Writes the export (EMA generator, encoder, classifier, and what the run records with the
+    model: the module's ``info``) to ``<run>/export`` at the end of training and every
+    ``every_n_steps`` generator steps (0 = only at the end)."""
 
-    def __init__(self, out_dir: str | Path, extra: dict[str, Any] | None = None, every_n_steps: int = 0):
+    def __init__(self, out_dir: str = "export", every_n_steps: int = 0):
         self.out_dir = Path(out_dir)
-        self.extra = dict(extra or {})
         self.every = int(every_n_steps)
 
     @rank_zero_only
-    def export(self, pl_module) -> Path:
+    def export(self, trainer, pl_module) -> Path:
         hp = pl_module.hparams
+        extra = {**dict(hp.get("info") or {}), "g_steps": pl_module.count("g_steps"),
+                 "images_seen": pl_module.count("images_seen")}
         return save_export(
-            self.out_dir, pl_module.G_ema, dict(hp.generator), pl_module.E, dict(hp.encoder),
-            pl_module.classifier, pl_module.class_names,
-            extra={**self.extra, "g_steps": pl_module.count("g_steps"), "images_seen": pl_module.count("images_seen")},
+            in_run(trainer, self.out_dir), pl_module.G_ema, dict(hp.generator), pl_module.E, dict(hp.encoder),
+            pl_module.classifier, pl_module.class_names, extra=extra,
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if _is_due(pl_module, self.every):
-            self.export(pl_module)
+            self.export(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self.export(pl_module)
+        self.export(trainer, pl_module)
 
 
 class Throughput(pl.Callback):
@@ -144,12 +165,13 @@ class Throughput(pl.Callback):
 
 
 class Summary(pl.Callback):
-    """At the end of fit, writes ``<run>/summary.json`` with the final validation figures."""
+    """At the end of fit, writes ``<run>/summary.json``: what the run records with the model (the
+    module's ``info``), counters, wall time, throughput (from :class:`Throughput`'s logged
+    figure), the last validation figures and the encoder fit's before / after figures (from the
+    run's :class:`EncoderFit`, when it has one)."""
 
-    def __init__(self, path: str | Path, extra: dict[str, Any] | None = None, throughput: Throughput | None = None):
+    def __init__(self, path: str = "summary.json"):
         self.path = Path(path)
-        self.extra = dict(extra or {})
-        self.throughput = throughput
         self._t0 = time.perf_counter()
 
     def on_fit_start(self, trainer, pl_module):
@@ -158,17 +180,19 @@ class Summary(pl.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        speed = trainer.callback_metrics.get("train/images_per_second")
         summary = {
-            **self.extra,
+            **dict(pl_module.hparams.get("info") or {}),
             "g_steps": pl_module.count("g_steps"),
             "images_seen": pl_module.count("images_seen"),
             "fit_seconds": round(time.perf_counter() - self._t0, 2),
-            "images_per_second": self.throughput.images_per_second if self.throughput else None,
+            "images_per_second": float(speed) if speed is not None else None,
             **metrics,
         }
-        if getattr(pl_module, "encoder_fit", None):
-            summary["encoder_fit"] = pl_module.encoder_fit
-        atomic_write_json(self.path, summary)
+        fits = [cb.result for cb in trainer.callbacks if isinstance(cb, EncoderFit) and cb.result]
+        if fits:
+            summary["encoder_fit"] = fits[0]
+        atomic_write_json(in_run(trainer, self.path), summary)
 
 
 def _endless(loader):
@@ -191,7 +215,7 @@ class EncoderFit(pl.Callback):
         seed: batch order and any randomness of the fit.
     """
 
-    def __init__(self, steps: int = 200, lr: float | None = None, kl_weight: float = 0.1,
+    def __init__(self, steps: int = 200, lr: Optional[float] = None, kl_weight: float = 0.1,
                  check_images: int = 128, seed: int = 0):
         if int(steps) < 0 or float(kl_weight) < 0 or int(check_images) < 1:
             raise ValueError(f"encoder_fit needs steps >= 0, kl_weight >= 0 and check_images >= 1; got "
@@ -201,6 +225,7 @@ class EncoderFit(pl.Callback):
         self.kl_weight = float(kl_weight)
         self.check_images = int(check_images)
         self.seed = int(seed)
+        self.result: dict[str, Any] = {}  # the figures of the last fit (see fit_encoder_to_ema)
 
     def on_train_end(self, trainer, pl_module):
         dm = trainer.datamodule
@@ -216,7 +241,7 @@ class EncoderFit(pl.Callback):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             info = pl_module.fit_encoder_to_ema(_endless(loader), self.steps, lr, check, self.kl_weight)
-        pl_module.encoder_fit = info
+        self.result = info
         log.info("encoder fit: reconstruction L1 %.4f -> %.4f, class agreement %.2f -> %.2f, in %.1f s",
                  info["recon_l1_before"], info["recon_l1_after"], info["agreement_before"],
                  info["agreement_after"], info["seconds"])
@@ -240,8 +265,8 @@ class FinalCheckpoint(pl.Callback):
     ``max_steps`` is not a multiple of the checkpoint interval. Every rank calls it (the strategy
     decides who writes)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str = "checkpoints/last.ckpt"):
         self.path = Path(path)
 
     def on_train_end(self, trainer, pl_module):
-        trainer.save_checkpoint(self.path, weights_only=False)
+        trainer.save_checkpoint(in_run(trainer, self.path), weights_only=False)

@@ -1,30 +1,22 @@
 """The StylEx LightningModule: wires generator, encoder, discriminator and the frozen classifier.
 
-One training step (manual optimisation, three optimisers):
+One training step (manual optimisation, three optimisers) runs the phases of
+:class:`~stylex.training.loss.StylexLoss`:
 
-1. Discriminator: logistic loss on real images vs. generated ones, conditioned on the
-   classifier's output; every ``r1_interval`` discriminator steps the lazy R1 penalty (float32).
-2. Generator (mapping + synthesis) and encoder, from the same loss:
+1. discriminator: D main, plus D reg (lazy R1) every ``r1_interval`` discriminator steps;
+2. generator and encoder, from one backward pass: G main (encoder and noise paths, see
+   ``batch_mode``), plus G reg (lazy path length) every ``pl_interval`` generator steps;
+3. the EMA generator (a frozen submodule, used for samples, validation and export) follows.
 
-   - encoder path: ``w = E(x)``, ``x̂ = G(w ⊕ C(x))``; L1(x, x̂) + perceptual(x, x̂) +
-     L1(E(x̂), w) + KL(C(x) ‖ C(x̂)) + adversarial. By default (``encoder_losses``) only the
-     first three train the encoder; all of them train the generator;
-   - noise path: ``w = M(z)``, ``x̃ = G(w ⊕ p̃)`` with ``p̃`` the classifier output of another real
-     image of the batch; adversarial + KL(p̃ ‖ C(x̃)).
-
-   ``batch_mode="both"`` runs both paths every step; ``"alternate"`` alternates them.
-   Every ``pl_interval`` generator steps the lazy path-length penalty (when its weight > 0).
-3. The EMA generator (a frozen submodule, used for samples, validation and export) follows.
-
-The networks know nothing of Lightning: this class only owns the losses, the optimisers and the
-counters that lazy regularisation needs (Lightning's ``global_step`` counts every optimiser step,
-so it cannot tell generator steps from discriminator steps).
+This class owns only the optimisers, the counters that lazy regularisation needs (Lightning's
+``global_step`` counts every optimiser step, so it cannot tell generator steps from
+discriminator steps), the checks on gradients and the logging. The networks know nothing of
+Lightning.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 import pytorch_lightning as pl
@@ -34,27 +26,11 @@ import torch.nn as nn
 from stylex.networks import Discriminator, Encoder, Generator
 from stylex.training import losses
 from stylex.training.ema import ema_beta, make_ema, update_ema
-from stylex.training.perceptual import ClassifierFeatures, LPIPSDistance, feature_distance, resolve_backend
-
-DEFAULT_LOSS = {
-    "adv": 1.0,  # non-saturating adversarial loss of the generator
-    "rec_l1": 1.0,  # L1(x, x̂), pixels in [-1, 1]
-    "perceptual": 1.0,  # perceptual(x, x̂)
-    "perceptual_backend": "auto",  # auto | lpips | classifier | none
-    "latent_l1": 0.1,  # L1(E(x̂), E(x))
-    "kl_rec": 1.0,  # KL(C(x) ‖ C(x̂)) on the encoder path
-    "kl_gen": 1.0,  # KL(p̃ ‖ C(x̃)) on the noise path
-    "r1_gamma": 0.05,  # R1 weight (the penalty is gamma / 2 · |∇D|²)
-    "r1_interval": 16,  # lazy R1: every N discriminator steps (0 = never)
-    "pl_weight": 0.0,  # path-length weight (0 = off)
-    "pl_interval": 4,  # lazy path-length: every N generator steps
-    "pl_decay": 0.01,
-    "batch_mode": "both",  # both | alternate
-    "d_fakes": "both",  # which fakes D sees: both | encoder | noise
-    "encoder_losses": "reconstruction",  # what trains E: reconstruction (pixel, perceptual, latent) | all
-}
+from stylex.training.loss import LossConfig, StylexLoss
+from stylex.training.perceptual import ClassifierFeatures, LPIPSDistance
 
 DEFAULT_OPTIM = {"lr_g": 0.0025, "lr_d": 0.0025, "lr_e": 0.0025, "betas": (0.0, 0.99), "eps": 1e-8}
+COUNTERS = ("d_steps", "g_steps", "images_seen")
 
 
 def _requires_grad(module: nn.Module, flag: bool) -> None:
@@ -66,28 +42,6 @@ class NonFiniteGradientError(FloatingPointError):
     pass
 
 
-def check_loss_config(loss: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The loss options with defaults filled in; ValueError naming the option when one is wrong."""
-    cfg = {**DEFAULT_LOSS, **dict(loss or {})}
-    unknown = set(cfg) - set(DEFAULT_LOSS)
-    if unknown:
-        raise ValueError(f"unknown loss option(s) {sorted(unknown)}; known: {sorted(DEFAULT_LOSS)}")
-    for key, default in DEFAULT_LOSS.items():
-        if isinstance(default, (int, float)) and not isinstance(cfg[key], (int, float)):
-            raise ValueError(f"loss.{key} must be a number, got {cfg[key]!r}")
-    if cfg["batch_mode"] not in ("both", "alternate"):
-        raise ValueError(f"loss.batch_mode must be 'both' or 'alternate', got {cfg['batch_mode']!r}")
-    if cfg["d_fakes"] not in ("both", "encoder", "noise"):
-        raise ValueError(f"loss.d_fakes must be 'both', 'encoder' or 'noise', got {cfg['d_fakes']!r}")
-    if cfg["encoder_losses"] not in ("reconstruction", "all"):
-        raise ValueError(f"loss.encoder_losses must be 'reconstruction' or 'all', got {cfg['encoder_losses']!r}")
-    resolve_backend(cfg["perceptual_backend"])
-    return cfg
-
-
-COUNTERS = ("d_steps", "g_steps", "images_seen")
-
-
 def _forget_host_counts(module: "StylexModule", incompatible_keys) -> None:
     module._host_counts = None
 
@@ -97,22 +51,35 @@ class StylexModule(pl.LightningModule):
 
     def __init__(
         self,
-        generator: Mapping[str, Any],  # Generator kwargs (c_dim = number of classes)
+        generator: Mapping[str, Any],  # Generator kwargs (c_dim: see num_classes)
         discriminator: Mapping[str, Any],  # Discriminator kwargs
         encoder: Mapping[str, Any],  # Encoder kwargs
         classifier: nn.Module,  # frozen; classifier(x) -> logits [B, K]
-        loss: Mapping[str, Any] | None = None,
-        optim: Mapping[str, Any] | None = None,
+        num_classes: int | None = None,  # K, the conditioning size; None = generator["c_dim"]
+        loss: LossConfig | Mapping[str, Any] | None = None,  # see LossConfig
+        optim: Mapping[str, Any] | None = None,  # lr_g, lr_d, lr_e, betas, eps (DEFAULT_OPTIM)
         ema_kimg: float = 1.0,  # EMA half-life in thousands of images
         ema_rampup: float | None = 0.05,
         class_names: list[str] | None = None,
         val_noise_mode: str = "const",
+        info: Mapping[str, Any] | None = None,  # what the run records with the model (export, summary)
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["classifier"])
         self.automatic_optimization = False
-        self.loss_cfg = check_loss_config(loss)
+        if num_classes is None:
+            num_classes = generator.get("c_dim")
+        if num_classes is None:
+            raise ValueError("StylexModule needs num_classes (or generator['c_dim']): the classifier's class count")
+        generator = {**dict(generator), "c_dim": int(num_classes)}
+        discriminator = {**dict(discriminator), "c_dim": int(num_classes)}
+        self.loss_cfg = LossConfig.coerce(loss)
         self.optim_cfg = {**DEFAULT_OPTIM, **dict(optim or {})}
+        self.save_hyperparameters({
+            "generator": generator, "discriminator": discriminator, "encoder": dict(encoder),
+            "loss": self.loss_cfg.to_dict(), "optim": dict(optim or {}), "ema_kimg": float(ema_kimg),
+            "ema_rampup": ema_rampup, "class_names": class_names, "val_noise_mode": val_noise_mode,
+            "info": dict(info or {}),
+        })
 
         self.G = Generator(**generator)
         self.D = Discriminator(**discriminator)
@@ -122,12 +89,11 @@ class StylexModule(pl.LightningModule):
             classifier.freeze()
         classifier.eval().requires_grad_(False)
         self.C = ClassifierFeatures(classifier)
-        self.num_classes = int(generator["c_dim"])
+        self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
-
-        backend = resolve_backend(self.loss_cfg["perceptual_backend"]) if self.loss_cfg["perceptual"] > 0 else "none"
-        self.perceptual_backend = backend
-        self.lpips = LPIPSDistance() if backend == "lpips" else None
+        self.loss = StylexLoss(self.loss_cfg, self.G, self.D, self.E, self.G_ema, self.C)
+        self.lpips = LPIPSDistance() if self.loss.perceptual_backend == "lpips" else None
+        self.loss.lpips = self.lpips
 
         # Counters restored on resume (they live in the state dict). Reads go through host copies
         # (``count``), so neither the training step nor a callback waits for the device to read one.
@@ -153,30 +119,15 @@ class StylexModule(pl.LightningModule):
     def classifier(self) -> nn.Module:
         return self.C.classifier
 
+    @property
+    def perceptual_backend(self) -> str:
+        return self.loss.perceptual_backend
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.G_ema.eval()
         self.C.eval()
         return self
-
-    @contextmanager
-    def _float32(self):
-        """Full precision inside autocast (for R1 and path length: squared gradients overflow or
-        lose all precision in half formats)."""
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            yield
-
-    def _classify(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if features and self.perceptual_backend == "classifier":
-            return self.C(x)
-        return self.C.classifier(x), []
-
-    def _perceptual(self, x_rec, x, feats_rec, feats_real) -> torch.Tensor:
-        if self.perceptual_backend == "classifier":
-            return feature_distance(feats_rec, [f.detach() for f in feats_real]).mean()
-        if self.perceptual_backend == "lpips":
-            return self.lpips(x_rec, x).mean()
-        return x.new_zeros(())
 
     def _check_finite(self, params: list[nn.Parameter], what: str) -> None:
         grads = [p.grad for p in params if p.grad is not None]
@@ -191,11 +142,6 @@ class StylexModule(pl.LightningModule):
                 "(e.g. 256) or train in full precision (trainer.precision=32)."
             )
 
-    def _noise_condition(self, c_real: torch.Tensor) -> torch.Tensor:
-        """Conditioning for the noise path: classifier outputs of other images of the batch, so the
-        generator sees the same distribution of class vectors on both paths."""
-        return c_real[torch.randperm(c_real.shape[0], device=c_real.device)]
-
     def _step(self, opt, counted: bool) -> None:
         """Step an optimiser; only the generator's step counts toward ``trainer.global_step``.
 
@@ -209,22 +155,9 @@ class StylexModule(pl.LightningModule):
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
 
     @staticmethod
-    def _encoder_surrogate(reconstruction: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor) -> torch.Tensor:
-        """A term whose gradient gives E exactly the gradient of ``reconstruction`` through w.
-
-        E inverts the generator, so it learns from the pixel, perceptual and latent terms only;
-        the classifier-KL and adversarial terms train the generator. Through a sharp classifier
-        the KL gradient is large and erratic, and mixed into E's Adam steps it drowns the
-        reconstruction signal: E(x) collapses toward one latent and reconstructions keep the
-        class (from the conditioning) but not the image. The generator's graph starts at the
-        leaf ``w_in``; ``g = d reconstruction / d w_in`` is taken first, and ``sum(w * g)``
-        (value irrelevant, gradient ``J_E^T g``) joins the one backward pass of the step, so a
-        distributed run still reduces every gradient once.
-        """
-        (g,) = torch.autograd.grad(reconstruction, w_in, retain_graph=True, allow_unused=True)
-        if g is None:
-            return w.sum() * 0.0
-        return (w.float() * g.detach().float()).sum()
+    def _due(interval: int, count: int) -> bool:
+        """Whether a lazy phase run every ``interval`` steps (0 = never) is due at ``count``."""
+        return interval > 0 and count % interval == 0
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
@@ -246,114 +179,46 @@ class StylexModule(pl.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int):
         opt_g, opt_d, opt_e = self.optimizers()
         cfg = self.loss_cfg
-        x = batch["image"]
-        b = x.shape[0]
+        b = batch["image"].shape[0]
         self._last_losses: dict[str, torch.Tensor] = {}  # for the message of a non-finite gradient
-
-        with torch.no_grad():
-            logits_real, feats_real = self._classify(x, features=True)
-            c_real = logits_real.float().softmax(dim=1)
-        c_noise = self._noise_condition(c_real)
-
+        inputs = self.loss.prepare(batch["image"])
         step = self.count("g_steps")
-        use_enc = cfg["batch_mode"] == "both" or step % 2 == 0
-        use_noise = cfg["batch_mode"] == "both" or step % 2 == 1
+        paths = self.loss.paths(step)
 
-        # ---------------------------------------------------------------- discriminator
+        # ---- discriminator: D main (+ D reg)
         _requires_grad(self.G, False)
         _requires_grad(self.E, False)
         _requires_grad(self.D, True)
-        fakes, conds = [], []
-        with torch.no_grad():
-            if use_enc and cfg["d_fakes"] in ("both", "encoder"):
-                fakes.append(self.G.generate(self.E(x), c_real))
-                conds.append(c_real)
-            if use_noise and cfg["d_fakes"] in ("both", "noise") or not fakes:
-                z = torch.randn(b, self.G.z_dim, device=self.device)
-                fakes.append(self.G(z, c_noise))
-                conds.append(c_noise)
-        fake_logits = torch.cat([self.D(f, c) for f, c in zip(fakes, conds)])
-
-        r1_every = cfg["r1_interval"]
-        do_r1 = r1_every > 0 and cfg["r1_gamma"] > 0 and self.count("d_steps") % r1_every == 0
-        if do_r1:
-            with self._float32():
-                x_r1 = x.detach().float().requires_grad_(True)
-                real_logits = self.D(x_r1, c_real)
-                r1 = losses.r1_penalty(x_r1, real_logits)
-        else:
-            real_logits = self.D(x, c_real)
-        loss_d = losses.d_logistic_loss(real_logits, fake_logits)
-        self._last_losses["d"] = loss_d.detach()
-        if do_r1:
-            loss_d = loss_d + r1 * (cfg["r1_gamma"] / 2 * r1_every)
-            self.log("train/r1", r1.detach(), on_step=True, prog_bar=False)
+        r1_due = cfg.r1_gamma > 0 and self._due(cfg.r1_interval, self.count("d_steps"))
+        loss_d, logs = self.loss.discriminator(inputs, paths, r1=r1_due)
+        self._last_losses["d"] = logs["train/loss_d"]
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
         self._check_finite(list(self.D.parameters()), "discriminator")
         self._step(opt_d, counted=False)
         self._advance("d_steps", 1)
 
-        # ---------------------------------------------------------------- generator + encoder
+        # ---- generator and encoder: G main (+ G reg)
         _requires_grad(self.D, False)
         _requires_grad(self.G, True)
         _requires_grad(self.E, True)
-        logs: dict[str, torch.Tensor] = {"train/loss_d": loss_d.detach(), "train/d_real": real_logits.detach().mean()}
-        loss_g = x.new_zeros((), dtype=torch.float32)
-        encoder_surrogate = None
-        if use_enc:
-            w = self.E(x)
-            # With encoder_losses="reconstruction" the generator sees w as a leaf, and E learns
-            # from the reconstruction terms alone (see _encoder_surrogate).
-            split = cfg["encoder_losses"] == "reconstruction"
-            w_in = w.detach().requires_grad_(True) if split else w
-            x_rec = self.G.generate(w_in, c_real)
-            logits_rec, feats_rec = self._classify(x_rec, features=True)
-            rec_l1 = losses.l1(x_rec.float(), x.float())
-            perc = self._perceptual(x_rec, x, feats_rec, feats_real) if cfg["perceptual"] > 0 else x.new_zeros(())
-            lat = losses.l1(self.E(x_rec).float(), w_in.float())
-            kl_rec = losses.classifier_kl(c_real, logits_rec)
-            adv_rec = losses.g_nonsaturating_loss(self.D(x_rec, c_real))
-            reconstruction = cfg["rec_l1"] * rec_l1 + cfg["perceptual"] * perc + cfg["latent_l1"] * lat
-            loss_g = loss_g + reconstruction + cfg["kl_rec"] * kl_rec + cfg["adv"] * adv_rec
-            if split:
-                encoder_surrogate = self._encoder_surrogate(reconstruction, w, w_in)
-            logs.update({
-                "train/rec_l1": rec_l1.detach(), "train/perceptual": perc.detach(), "train/latent_l1": lat.detach(),
-                "train/kl_rec": kl_rec.detach(), "train/adv_rec": adv_rec.detach(),
-            })
-        if use_noise:
-            z = torch.randn(b, self.G.z_dim, device=self.device)
-            x_gen = self.G(z, c_noise)
-            logits_gen, _ = self._classify(x_gen, features=False)
-            kl_gen = losses.classifier_kl(c_noise, logits_gen)
-            adv_gen = losses.g_nonsaturating_loss(self.D(x_gen, c_noise))
-            loss_g = loss_g + cfg["kl_gen"] * kl_gen + cfg["adv"] * adv_gen
-            logs.update({"train/kl_gen": kl_gen.detach(), "train/adv_gen": adv_gen.detach()})
-
-        pl_every = cfg["pl_interval"]
-        if cfg["pl_weight"] > 0 and pl_every > 0 and step % pl_every == 0:
-            with self._float32():
-                pl_b = max(1, b // 2)
-                z = torch.randn(pl_b, self.G.z_dim, device=self.device)
-                # Not detached: as in StyleGAN2 the penalty also shapes the mapping network.
-                w_pl = self.G.mapping(z, update_w_avg=False)
-                img = self.G.generate(w_pl, c_noise[:pl_b])
-                pl_pen = losses.path_length_penalty(img, w_pl, self.pl_mean, cfg["pl_decay"])
-            loss_g = loss_g + pl_pen * (cfg["pl_weight"] * pl_every)
-            logs["train/path_length"] = pl_pen.detach()
-
+        loss_g, surrogate, g_logs = self.loss.generator(inputs, paths)
+        logs.update(g_logs)
+        if cfg.pl_weight > 0 and self._due(cfg.pl_interval, step):
+            loss_pl, pl_logs = self.loss.path_length(inputs, self.pl_mean)
+            loss_g = loss_g + loss_pl
+            logs.update(pl_logs)
         self._last_losses.update({k.split("/")[-1]: v for k, v in logs.items()})
         opt_g.zero_grad(set_to_none=True)
         opt_e.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g if encoder_surrogate is None else loss_g + encoder_surrogate)
+        self.manual_backward(loss_g if surrogate is None else loss_g + surrogate)
         self._check_finite(list(self.G.parameters()) + list(self.E.parameters()), "generator/encoder")
         self._step(opt_e, counted=False)
         self._step(opt_g, counted=True)
         self._advance("g_steps", 1)
         _requires_grad(self.D, True)
 
-        # ---------------------------------------------------------------- EMA
+        # ---- EMA
         world = self.trainer.world_size if self.trainer is not None else 1
         self._advance("images_seen", b * world)
         beta = ema_beta(b * world, self.count("images_seen"), self.hparams.ema_kimg, self.hparams.ema_rampup)
@@ -362,7 +227,7 @@ class StylexModule(pl.LightningModule):
         logs["train/loss_g"] = loss_g.detach()
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=b)
         self.log("g_step", float(self.count("g_steps")), on_step=True, prog_bar=False, batch_size=b)
-        if use_enc:
+        if "train/rec_l1" in logs:
             self.log("rec", logs["train/rec_l1"], prog_bar=True, on_step=True, batch_size=b, logger=False)
         self.log("d", logs["train/loss_d"], prog_bar=True, on_step=True, batch_size=b, logger=False)
 
@@ -372,28 +237,9 @@ class StylexModule(pl.LightningModule):
         x: torch.Tensor,  # [B, 3, R, R] real images
         kl_weight: float = 0.0,  # weight of KL(C(x) || C(x_rec)) added to the reconstruction terms
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's objective on ``x`` through the EMA generator: the weighted pixel,
-        perceptual and latent terms, plus ``kl_weight`` times the classifier KL of the
-        reconstruction. Returns (loss, pixel L1)."""
-        cfg = self.loss_cfg
-        g = self.G_ema
-        perceptual = cfg["perceptual"] > 0
-        with torch.no_grad():
-            logits, feats_real = self._classify(x, features=perceptual)
-            c = logits.float().softmax(dim=1)
-        w = self.E(x)
-        x_rec = g.generate(w, c, noise_mode="const")
-        rec_l1 = losses.l1(x_rec.float(), x.float())
-        loss = cfg["rec_l1"] * rec_l1
-        if perceptual or kl_weight > 0:
-            logits_rec, feats_rec = self._classify(x_rec, features=perceptual)
-            if perceptual:
-                loss = loss + cfg["perceptual"] * self._perceptual(x_rec, x, feats_rec, feats_real)
-            if kl_weight > 0:
-                loss = loss + kl_weight * losses.classifier_kl(c, logits_rec)
-        if cfg["latent_l1"] > 0:
-            loss = loss + cfg["latent_l1"] * losses.l1(self.E(x_rec).float(), w.float())
-        return loss, rec_l1
+        """The encoder's objective on ``x`` through the EMA generator (the loss's E-fit phase).
+        Returns (loss, pixel L1)."""
+        return self.loss.encoder_fit(x, kl_weight)
 
     def fit_encoder_to_ema(
         self,

@@ -1,8 +1,8 @@
 """``train(cfg)``: one StylEx run from a composed config, start to finish.
 
-Stages: data → classifier (loaded, or trained as its own short stage) → StylEx fit → export →
-explanation.
-Everything lands in one run folder::
+Stages: check the config → data → classifier (loaded, or trained as its own short stage) →
+StylEx fit (the callbacks of ``cfg.callbacks`` write samples, checkpoints, the export, the
+summary and the explanation) → loggers closed. Everything lands in one run folder::
 
     <runs_root>/<dataset>/<timestamp>/
         config.yaml          the resolved config (resuming reads it back)
@@ -13,6 +13,9 @@ Everything lands in one run folder::
         export/              model.safetensors + stylex.json, loaded by explain.py
         explain/             AttFind report (report.html, explanation.json, panels, GIFs)
         summary.json         final figures
+
+The module (``cfg.module``), the data, the loggers and every callback come from the config
+through ``hydra.utils.instantiate``; this file only checks the config and orders the stages.
 """
 
 from __future__ import annotations
@@ -28,42 +31,37 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 import yaml
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
-
-from lightning_fabric.utilities.rank_zero import _get_rank
+from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.loggers import WandbLogger
 
 from stylex import ops
+from stylex.config import register
+from stylex.errors import ConfigError
+from stylex.utils.dist import is_rank_zero
 from stylex.utils.io import atomic_write_text
-from stylex.utils.runs import latest_run
+from stylex.utils.loggers import finish
+from stylex.utils.runs import find_latest_run as _find_latest_run
 
 log = logging.getLogger("stylex")
+register()  # the schemas of configs/ must be in Hydra's store before any config is composed
 
 RUN_DIR_ENV = "STYLEX_RUN_DIR"  # lets every DDP rank agree on the run folder chosen by rank zero
 CONFIG_FILE = "config.yaml"
 CONFIG_GROUPS = ("dataset", "model", "classifier", "loss", "trainer", "logger", "callbacks", "experiment")
+# Sections a resumed run takes from today's composition where its saved config lacks an option.
+RESUMABLE_SECTIONS = ("trainer", "callbacks", "loss", "logger", "module")
 # Strategies whose DDP wrapper must tolerate parameters without gradient: a GAN step updates the
 # discriminator and the generator in separate backward passes.
 _DDP_FIX = {"ddp": "ddp_find_unused_parameters_true", "ddp_spawn": "ddp_spawn_find_unused_parameters_true",
             "ddp_fork": "ddp_fork_find_unused_parameters_true"}
 
 
-class ConfigError(ValueError):
-    """A problem with the user's configuration; the message says which option and what to do."""
-
-
 # ---------------------------------------------------------------------------------------- run folder
-def _is_rank_zero() -> bool:
-    """Global rank zero, from the launchers' environment (torchrun, SLURM, Lightning's own)."""
-    return _get_rank() in (None, 0)
-
-
 def find_latest_run(runs_root: str | Path) -> Path:
-    run = latest_run(runs_root, "checkpoints/last.ckpt")
-    if run is None:
-        raise ConfigError(f"resume=last: no run with checkpoints/last.ckpt under {Path(runs_root).resolve()}")
-    return run
+    """The run under ``runs_root`` whose ``last.ckpt`` is newest (``resume=last``)."""
+    return _find_latest_run(runs_root, "checkpoints/last.ckpt", context="resume=last", error=ConfigError)
 
 
 def resolve_resume(resume: str, runs_root: str | Path) -> tuple[Path, Path]:
@@ -106,8 +104,8 @@ def apply_resume(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig,
     if not saved_file.is_file():
         raise ConfigError(f"resume={cfg.resume}: {saved_file} is missing, so the run's settings are unknown")
     saved = OmegaConf.load(saved_file)
-    # Options added to these groups since the run was made take their current defaults.
-    for section in ("trainer", "callbacks", "loss", "logger"):
+    # Options added to these sections since the run was made take their current defaults.
+    for section in RESUMABLE_SECTIONS:
         if section in cfg:
             saved[section] = OmegaConf.merge(cfg[section], saved.get(section) or {})
     for item in overrides:
@@ -119,7 +117,7 @@ def apply_resume(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig,
                 f"'{item}': a resumed run keeps its config groups; override single values instead "
                 f"(e.g. trainer.max_steps=2000), or start a new run without resume="
             )
-        if key.split(".")[0] in ("model", "dataset", "classifier"):
+        if key.split(".")[0] in ("model", "dataset", "classifier", "module"):
             raise ConfigError(
                 f"'{item}': a resumed run keeps its model, data and classifier (the checkpoint was trained "
                 "with them); resume with trainer., loss., callbacks. or logger. overrides, or start a new run"
@@ -130,11 +128,13 @@ def apply_resume(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig,
 
 
 # ---------------------------------------------------------------------------------------- checks
-def validate(cfg: DictConfig) -> None:
-    """Catch configuration mistakes before any work is done (and before a classifier stage is
-    trained only to find the GAN stage cannot start). Resolves ``loss.perceptual_backend=auto``
-    so a resumed run uses the backend it was trained with."""
-    from stylex.training.module import check_loss_config
+def check(cfg: DictConfig) -> tuple[Any, Any, list[pl.Callback]]:
+    """Everything that can be refused before work starts (before a classifier stage is trained
+    only to find the GAN stage cannot start). Returns the checked loss and classifier configs and
+    the callbacks; resolves ``loss.perceptual_backend=auto`` in ``cfg`` so that a resumed run
+    uses the backend it was trained with."""
+    from stylex.classifier import ClassifierConfig
+    from stylex.training.loss import LossConfig
     from stylex.training.perceptual import resolve_backend
 
     try:
@@ -156,23 +156,13 @@ def validate(cfg: DictConfig) -> None:
     if batch < 1 or batch % min(4, batch):
         raise ConfigError(f"model.batch_size={batch} must be a multiple of 4 (the discriminator's minibatch-std groups)")
     try:
-        loss = check_loss_config(OmegaConf.to_container(cfg.loss, resolve=True))
+        loss = LossConfig.coerce(OmegaConf.to_container(cfg.loss, resolve=True))
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from e
-    if loss["perceptual"] > 0:
-        cfg.loss.perceptual_backend = resolve_backend(loss["perceptual_backend"])
-    _encoder_fit_callback(cfg)
-
-
-def _encoder_fit_callback(cfg: DictConfig):
-    from stylex.training.callbacks import EncoderFit
-
-    fit = (cfg.get("callbacks") or {}).get("encoder_fit") or {}
-    options = {k: fit[k] for k in ("steps", "lr", "kl_weight", "check_images") if k in fit}  # else EncoderFit's defaults
-    try:
-        return EncoderFit(**options, seed=int(cfg.seed))
-    except ValueError as e:
-        raise ConfigError(f"callbacks.{e}") from e
+    if loss.perceptual > 0:
+        loss.perceptual_backend = cfg.loss.perceptual_backend = resolve_backend(loss.perceptual_backend)
+    classifier = ClassifierConfig.from_mapping(OmegaConf.to_container(cfg.classifier, resolve=True))
+    return loss, classifier, build_callbacks(cfg)
 
 
 # ---------------------------------------------------------------------------------------- builders
@@ -193,12 +183,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     for name, lcfg in (cfg.get("logger") or {}).items():
         lcfg = OmegaConf.to_container(lcfg, resolve=True)
-        target = lcfg.get("_target_", "")
-        if target.endswith("WandbLogger"):
+        if issubclass(get_class(lcfg["_target_"]), WandbLogger):
             _check_wandb(lcfg)
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-            lcfg.setdefault("name", None)
-            lcfg["name"] = lcfg["name"] or f"{cfg.dataset.name}-{run_dir.name}"
+            lcfg["name"] = lcfg.get("name") or f"{cfg.dataset.name}-{run_dir.name}"
         loggers.append(instantiate(lcfg, save_dir=str(run_dir / "logs")))
     return loggers
 
@@ -219,101 +207,45 @@ def _check_wandb(lcfg: dict) -> None:
         )
 
 
-def get_classifier(cfg: DictConfig, dm, run_dir: Path, loggers: list) -> tuple[torch.nn.Module, dict]:
-    """The frozen classifier: from ``classifier.checkpoint``, from this run's earlier classifier
-    stage (when resuming), or trained now as a short stage of its own."""
-    from stylex.classifier import Classifier, train_classifier
-
-    ccfg = OmegaConf.to_container(cfg.classifier, resolve=True)
-    out_dir = run_dir / "classifier"
-    saved = out_dir / "classifier.safetensors"
-    if ccfg.get("checkpoint"):
-        clf = _build_classifier(ccfg, dm.num_classes)
-        return clf.freeze(), {"source": str(ccfg["checkpoint"])}
-    if saved.is_file():
-        log.info("using the classifier trained earlier in this run: %s", saved)
-        clf = Classifier.load(saved)
-        metrics_file = out_dir / "classifier_metrics.json"
-        metrics = yaml.safe_load(metrics_file.read_text()) if metrics_file.is_file() else {}
-        return clf.freeze(), {"source": str(saved), **metrics}
-    clf = _build_classifier(ccfg, dm.num_classes)
-    tcfg = dict(ccfg.get("train") or {})
-    stage_kw = trainer_kwargs(cfg)  # train_classifier keeps the options that apply to it
-    if isinstance(stage_kw.get("strategy"), str):  # every classifier parameter gets a gradient
-        stage_kw["strategy"] = stage_kw["strategy"].replace("_find_unused_parameters_true", "")
-    log.info("training the classifier (%s) as its own stage", ccfg["arch"])
-    # The classifier stage may use its own batch size (classifier.train.batch_size).
-    gan_batch = dm.batch_size
-    dm.batch_size = int(tcfg.get("batch_size") or gan_batch)
-    try:
-        clf, metrics = train_classifier(
-            clf, dm, out_dir, stage_kw,
-            max_epochs=int(tcfg.get("max_epochs", 5)), lr=float(tcfg.get("lr", 1e-3)),
-            weight_decay=float(tcfg.get("weight_decay", 0.05)), balanced_loss=bool(tcfg.get("balanced_loss", False)),
-            augment=bool(tcfg.get("augment", True)), logger=loggers or False,
-        )
-    finally:
-        dm.batch_size = gan_batch
-    return clf, {"source": str(saved), **metrics}
-
-
-def _build_classifier(ccfg: dict, num_classes: int):
-    from stylex.classifier import build_classifier
-
-    try:
-        return build_classifier(ccfg, num_classes)
-    except (ValueError, FileNotFoundError) as e:  # unknown arch, wrong checkpoint, class count
-        raise ConfigError(f"classifier: {e}") from e
-
-
 def network_kwargs(cfg: DictConfig, num_classes: int) -> tuple[dict, dict, dict]:
-    m = cfg.model
-    common = dict(resolution=int(m.resolution), channel_base=int(m.channel_base), channel_max=int(m.channel_max),
-                  conv_clamp=m.conv_clamp)
-    g = dict(z_dim=int(m.z_dim), w_dim=int(m.w_dim), c_dim=num_classes, mapping_layers=int(m.mapping_layers), **common)
-    d = dict(c_dim=num_classes, **common)
-    e = dict(w_dim=int(m.w_dim), **common)
-    return g, d, e
+    """Generator, discriminator and encoder kwargs of the config's module for ``num_classes``."""
+    m = OmegaConf.to_container(cfg.module, resolve=True)
+    return ({**m["generator"], "c_dim": num_classes}, {**m["discriminator"], "c_dim": num_classes},
+            dict(m["encoder"]))
 
 
-def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], classifier: torch.nn.Module):
-    from stylex.training.module import StylexModule
+def build_module(
+    cfg: DictConfig,
+    num_classes: int,
+    class_names: Sequence[str],
+    classifier: torch.nn.Module,
+    loss: Any = None,  # a checked LossConfig; None = cfg.loss
+    info: dict[str, Any] | None = None,  # what the run records with the model (export, summary)
+):
+    """The LightningModule of ``cfg.module`` around the frozen ``classifier``."""
+    # _partial_: the classifier and the checked loss reach the constructor as they are, not as config
+    factory = instantiate(cfg.module, _partial_=True, _convert_="all")
+    extra = {"loss": loss} if loss is not None else {}
+    return factory(classifier=classifier, num_classes=num_classes, class_names=list(class_names), info=info, **extra)
 
-    g, d, e = network_kwargs(cfg, num_classes)
-    lr = float(cfg.model.lr)
-    return StylexModule(
-        generator=g, discriminator=d, encoder=e, classifier=classifier,
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
-        optim={"lr_g": lr, "lr_d": lr, "lr_e": lr},
-        ema_kimg=float(cfg.model.ema_kimg), ema_rampup=cfg.model.ema_rampup, class_names=class_names,
-    )
 
-
-def build_callbacks(cfg: DictConfig, run_dir: Path, extra: dict) -> list[pl.Callback]:
-    from stylex.explain.callback import ExplainCallback
-    from stylex.training.callbacks import Exporter, FinalCheckpoint, SampleGrid, Summary, Throughput
-
-    cb = cfg.callbacks
-    throughput = Throughput()
-    bar = [TQDMProgressBar(refresh_rate=int(cb.progress_bar.refresh_rate))] if cfg.trainer.get(
-        "enable_progress_bar", True) else []
-    return bar + [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
-            every_n_train_steps=int(cb.checkpoint.every_n_steps), save_top_k=int(cb.checkpoint.keep),
-            monitor="g_step", mode="max", save_last=True, save_on_train_epoch_end=False,
-        ),
-        # First of the end-of-fit work: the last samples, export and checkpoint hold the fitted encoder.
-        _encoder_fit_callback(cfg),
-        SampleGrid(run_dir / "samples", every_n_steps=int(cb.samples.every_n_steps),
-                   num_images=int(cb.samples.num_images), seed=int(cfg.seed)),
-        Exporter(run_dir / "export", extra=extra, every_n_steps=int(cb.export.every_n_steps)),
-        throughput,
-        Summary(run_dir / "summary.json", extra=extra, throughput=throughput),
-        FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
-        # Last: the export and the final checkpoint are on disk before the explanation starts.
-        ExplainCallback(run_dir / "explain", **OmegaConf.to_container(cb.explain, resolve=True)),
-    ]
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Every ``cfg.callbacks`` entry with a ``_target_``, in config order; a progress bar only
+    when ``trainer.enable_progress_bar`` is on."""
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            callback = instantiate(node)
+        except Exception as e:  # hydra wraps the constructor's error; show the user the cause
+            cause = e.__cause__ or e
+            text = str(cause)
+            raise ConfigError(f"callbacks.{text}" if text.startswith(f"{name} ") else f"callbacks.{name}: {text}") from e
+        if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+            continue
+        callbacks.append(callback)
+    return callbacks
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -346,56 +278,43 @@ _QUIET = (
 
 
 def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> Path:
+    from stylex.classifier import prepare_classifier
+    from stylex.training.checkpoint_io import AtomicCheckpointIO
+
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    validate(cfg)
+    loss, classifier_cfg, callbacks = check(cfg)
     ops.set_default_impl(str(cfg.get("ops_impl", "auto")))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if _is_rank_zero():
+    if is_rank_zero():
         atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
         log.info("run folder: %s", run_dir)
 
     dm = build_datamodule(cfg)
     try:
-        if _is_rank_zero():
+        if is_rank_zero():
             dm.prepare_data()
         dm.setup("fit")
     except (OSError, ValueError) as e:  # missing or bad data: the user's to fix, before training starts
         raise ConfigError(f"dataset={cfg.dataset.name}: {e}") from e
     loggers = build_loggers(cfg, run_dir)
-    classifier, clf_metrics = get_classifier(cfg, dm, run_dir, loggers)
-    module = build_module(cfg, dm.num_classes, list(dm.class_names), classifier)
-    extra = {
-        "dataset": str(cfg.dataset.name),
-        "model": str(cfg.model.name),
-        "classifier_metrics": clf_metrics,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+    classifier, clf_metrics = prepare_classifier(classifier_cfg, dm, run_dir / "classifier", trainer_kwargs(cfg),
+                                                 loggers)
+    numeric = {f"clf/{k}": float(v) for k, v in clf_metrics.items() if isinstance(v, (int, float))}
     for lg in loggers:
-        lg.log_hyperparams({"config": extra["config"]})
-        numeric = {f"clf/{k}": float(v) for k, v in clf_metrics.items() if isinstance(v, (int, float))}
         if numeric:
             lg.log_metrics(numeric, step=0)
-
-    from stylex.training.checkpoint_io import AtomicCheckpointIO
+    # Logged once, as the module's hyper-parameters, and kept with the export and the summary.
+    info = {"dataset": str(cfg.dataset.name), "model": str(cfg.model.name), "classifier_metrics": clf_metrics,
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+    module = build_module(cfg, dm.num_classes, dm.class_names, classifier, loss=loss, info=info)
 
     trainer = pl.Trainer(
-        **trainer_kwargs(cfg), logger=loggers or False, callbacks=build_callbacks(cfg, run_dir, extra),
+        **trainer_kwargs(cfg), logger=loggers or False, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
     )
     # Our own checkpoints hold hyper-parameters besides tensors, hence weights_only=False.
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None, weights_only=False)
-    _finish_loggers(loggers)
+    finish(loggers)
     return run_dir
-
-
-def _finish_loggers(loggers: list) -> None:
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish()
-        else:
-            lg.finalize("success")

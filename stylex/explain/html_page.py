@@ -1,0 +1,99 @@
+"""The HTML page of a report: one self-contained file, every image embedded as a data URI.
+
+:func:`render_html` turns the content of ``explanation.json`` (see :mod:`stylex.explain.report`)
+into the page: the settings, per class the ranked attributes with their panels and GIFs, the
+flip-rate table and plot, the ground truth when measured, and the per-image results.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Sequence
+
+from stylex.explain.drawing import data_uri
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;font-size:13px;text-align:left}
+th{background:#f4f4f4}img{max-width:100%;image-rendering:pixelated}.attr{margin:14px 0}
+.muted{color:#777;font-size:13px}
+"""
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(
+    data: dict[str, Any],  # the content of explanation.json
+    root: Path,  # the report folder, where the referenced images live
+    max_image_rows: int = 200,  # rows of the per-image table; the rest are only in the JSON file
+    json_file: str = "explanation.json",  # the JSON file's name, for the note on rows left out
+) -> str:
+    """One self-contained HTML page: every image is embedded as a data URI."""
+    esc = html.escape
+    s = data["search"]
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(data['title'])}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{esc(data['title'])}</h1>"]
+    settings = [[k, v] for k, v in data["settings"].items()]
+    settings += [["images explained", s["num_images"]], ["stable images", s["num_stable"]],
+                 ["search", f"{s['mode']}, {s['pairs_rendered_per_image']:.0f} edits rendered per image"],
+                 ["time", f"{s['seconds']:.1f} s ({s['seconds_per_image']:.3f} s per image)"]]
+    parts.append(_table(["setting", "value"], settings))
+    for w in s.get("warnings", []):
+        parts.append(f"<p class='muted'>note: {esc(w)}</p>")
+
+    for name, cls in data["classes"].items():
+        parts.append(f"<h2>Class '{esc(name)}' ({cls['pool_size']} images not predicted as it)</h2>")
+        parts.append(_table(
+            ["rank", "coordinate", "layer", "channel", "direction", "mean Δp", "mean effect", "affected", "flips"],
+            [[a["rank"], a["coordinate"], a["layer"], a["channel"], a["direction"], a["mean_probability_change"],
+              a["mean_effect"], a["share_affected"], a["flip_share"]] for a in cls["attributes"]],
+        ))
+        for a in cls["attributes"]:
+            parts.append(f"<div class='attr'><b>#{a['rank']}</b> {esc(a['layer'])}[{a['channel']}] "
+                         f"{esc(a['direction'])}<br>")
+            parts.append(f"<img alt='panel' src='{data_uri(root / a['panel'])}'> ")
+            parts.append(f"<img alt='animation' src='{data_uri(root / a['gif'])}'></div>")
+
+    if data.get("flip_rate"):
+        fr = data["flip_rate"]
+        parts.append("<h2>Sufficiency: flip rate against k</h2>")
+        names = [k for k in fr if k not in ("k", "num_images", "seconds")]
+        parts.append(_table(["k", *names], [[k, *[fr[nm][j] for nm in names]] for j, k in enumerate(fr["k"])]))
+        if data["files"].get("plot"):
+            parts.append(f"<img alt='flip rate' src='{data_uri(root / data['files']['plot'])}'>")
+
+    gt = data.get("ground_truth")
+    if gt:
+        parts.append("<h2>Ground truth (synthetic factors)</h2>")
+        parts.append(f"<p>recovery {gt['recovery']:.2f}, purity {gt['purity']:.2f} "
+                     f"(causal: {esc(', '.join(gt['causal_factors']))})</p>")
+        parts.append(_table(["class", "rank", "main factor"],
+                            [[cn, j + 1, f or "none"] for cn, v in gt["classes"].items()
+                             for j, f in enumerate(v["factors"])]))
+
+    parts.append("<h2>Images</h2>")
+    for im in data["images"]:
+        if im.get("panel"):
+            parts.append(f"<div class='attr'><img alt='image {im['index']}' src='{data_uri(root / im['panel'])}'></div>")
+    rows = []
+    for im in data["images"][:max_image_rows]:
+        tops = "; ".join(f"{t['layer']}[{t['channel']}] {t['direction']} ({t['probability_change']:+.2f})"
+                         for t in im["top_attributes"])
+        rows.append([im["index"], im.get("source", ""), im["predicted"],
+                     max(im["probabilities"]), "yes" if im["stable"] else "no", tops])
+    parts.append(_table(["image", "source", "predicted", "p", "stable", "top attributes (Δp of predicted)"], rows))
+    if len(data["images"]) > max_image_rows:
+        parts.append(f"<p class='muted'>{len(data['images']) - max_image_rows} more images in {json_file}</p>")
+    parts.append("</body></html>\n")
+    return "".join(parts)

@@ -1,0 +1,310 @@
+"""The whole explanation: search, metrics and report, for a model in memory or a trained run.
+
+- :func:`explain_and_report`: AttFind on given styles, the flip-rate curves, optionally the
+  ground truth, and the report folder (the callback and :func:`explain_run` both call it);
+- :func:`explain_run`: everything ``explain.py`` does once its options are parsed, taking them
+  as an :class:`ExplainRequest`: find and load the export, choose the images (given files, the
+  validation split or generated samples), choose between the exhaustive and the pre-screened
+  search, train the factor probe when asked, explain and report, log to W&B when the run did,
+  and give the summary lines to a callback.
+
+:class:`ExplainRequest` mirrors the options of ``explain.py`` and holds their defaults (the
+command line takes its defaults from it). Problems the user can fix raise
+:class:`~stylex.errors.UsageError` naming the option and the remedy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from stylex.errors import UsageError
+from stylex.explain.attfind import AttFind, AttFindConfig
+from stylex.explain.factors import FactorProbe, ground_truth, train_factor_probe
+from stylex.explain.inputs import load_image_files, resolve_export, run_config, validation_images
+from stylex.explain.loggers import log_to_wandb, wandb_settings
+from stylex.explain.metrics import sufficiency
+from stylex.explain.report import Report, write_report
+from stylex.explain.result import AttFindResult
+
+IMAGE_PANELS = 4  # images of a data set sample that get a panel of their own (every given image does)
+AUTO_PRESCREEN = 32  # candidate edits per class when "auto" finds the exhaustive search too slow
+
+Say = Callable[[str], None]
+
+
+# ============================================================================ search + metrics + report
+def explain_and_report(
+    finder: AttFind,
+    flat: torch.Tensor,  # [N, S] styles of the explained images
+    out_dir: str | Path,
+    class_names: Sequence[str],
+    top_k: int = 4,
+    classes: Sequence[int] | None = None,
+    reference: torch.Tensor | None = None,  # [M, S] styles setting the min/max targets (None = flat)
+    flip_k: int = 10,  # flip-rate curve for k = 1..flip_k (0 = none)
+    examples: int = 4,
+    image_info: Sequence[dict[str, Any]] | None = None,
+    inputs: torch.Tensor | None = None,
+    image_panels: Sequence[int] = (),
+    settings: dict[str, Any] | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    ground_truth_probe: FactorProbe | None = None,  # also score against the synthetic factors
+    progress: Say | None = None,  # progress messages
+    title: str = "StylEx explanation",
+) -> tuple[Report, AttFindResult]:
+    """AttFind on ``flat``, the flip-rate curves, optionally the ground truth, and the report."""
+    say = progress or (lambda msg: None)
+    result = finder.run(flat, top_k=top_k, classes=classes, reference=reference,
+                        trainer_kwargs=trainer_kwargs, progress=say)
+    say(f"AttFind: {result.seconds:.1f} s for {result.num_images} images ({result.mode})")
+    suff = None
+    if flip_k > 0:
+        suff = sufficiency(result, finder.evaluator, ks=range(1, flip_k + 1))
+        say(f"flip rates: {suff.seconds:.1f} s")
+    gt = ground_truth(result, finder.evaluator, ground_truth_probe) if ground_truth_probe is not None else None
+    report = write_report(out_dir, result, finder.evaluator, class_names, examples=examples, sufficiency=suff,
+                          ground_truth=gt, image_info=image_info, inputs=inputs, image_panels=image_panels,
+                          settings=settings, title=title)
+    return report, result
+
+
+# ============================================================================ the request
+@dataclass
+class ExplainRequest:
+    """The options of ``explain.py`` as plain values (field ``x_y`` is option ``--x-y``)."""
+
+    run: Path | None = None  # run folder made by train.py (None: the latest under runs_root)
+    checkpoint: Path | None = None  # a file of an export instead of a run (not with `run`)
+    runs_root: Path = Path("runs")  # where to look for the latest run
+    top_k: int = 4  # attributes ranked per class
+    num_images: int = 64  # images explained (and, with `images`, the reference set's size)
+    classes: list[str] | None = None  # class names or indices, items may be comma-separated (None: all)
+    shift_size: float = 1.0  # fraction of the way to a coordinate's min/max each edit moves
+    out: Path | None = None  # report folder (None: <run>/explain)
+    images: list[Path] | None = None  # image files to explain (--image)
+    source: str = "auto"  # images without `images`: "val" | "generated" | "auto" (val when rebuildable)
+    measure: str = "prob"  # "prob" | "logit"
+    prescreen: int | str | None = "auto"  # "auto", "none" / None (exhaustive) or candidates per class
+    time_budget: float = 120.0  # seconds the exhaustive search may take before "auto" screens
+    flip_k: int = 10  # flip-rate curve for k = 1..flip_k (0 = none)
+    examples: int = 4  # example pairs per attribute panel
+    ground_truth: bool = False  # synthetic data only: factor probe, recovery and purity
+    device: str = "auto"  # cpu, cuda, cuda:1, ... ("auto": cuda when available)
+    devices: int = 1  # spread the images over this many devices (Lightning's predict loop)
+    batch_size: int | None = None  # renders per forward pass (None: by device)
+    seed: int = 0  # seed of generated samples
+    threads: int | None = None  # CPU threads for torch while explaining (None: torch's choice)
+    wandb: bool = True  # log to W&B when the run did (--no-wandb: False)
+
+    def check(self) -> None:
+        """Raise a UsageError for an option out of its range (the rest needs the model)."""
+        for option, value in (("--top-k", self.top_k), ("--num-images", self.num_images),
+                              ("--devices", self.devices), ("--batch-size", self.batch_size),
+                              ("--threads", self.threads)):
+            if value is not None:
+                _positive(value, option)
+        if not self.shift_size > 0:
+            raise UsageError(f"--shift-size must be > 0 (1 = move to the min/max), got {self.shift_size}")
+        if self.flip_k < 0 or self.examples < 1:
+            raise UsageError("--flip-k must be >= 0 and --examples >= 1")
+        if self.run is not None and self.checkpoint is not None:
+            raise UsageError("--run and --checkpoint both name the model; pass one of them")
+        if self.source not in ("auto", "val", "generated"):
+            raise UsageError(f"--source must be auto, val or generated, got {self.source!r}")
+
+
+def _positive(value: int, option: str) -> int:
+    if value < 1:
+        raise UsageError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+# ============================================================================ a trained run
+def explain_run(
+    request: ExplainRequest,
+    say: Say | None = None,  # progress messages and notes (explain.py: stderr unless --quiet)
+    show: Say | None = None,  # the summary: ranked attributes and flip rates (explain.py: stdout)
+) -> tuple[Report, AttFindResult]:
+    """Explain the classifier of a trained run's export; see the module docstring."""
+    say = say or (lambda msg: None)
+    show = show or (lambda msg: None)
+    request.check()
+    threads = torch.get_num_threads()
+    if request.threads is not None:
+        torch.set_num_threads(request.threads)
+    try:
+        report, result, names = _explain_run(request, say)
+    finally:
+        torch.set_num_threads(threads)
+    for c in result.classes:
+        ranked = ", ".join(f"{a.layer}[{a.channel}] {a.direction_name} ({a.probability_change:+.3f})"
+                           for a in result.rankings[c])
+        show(f"{names[c]}: {ranked}")
+    if report.data.get("flip_rate"):
+        fr = report.data["flip_rate"]
+        show("flip rate at k=" + str(fr["k"][-1]) + ": " +
+             ", ".join(f"{m} {fr[m][-1]:.2f}" for m in ("attfind", "random", "variance")))
+    for w in result.warnings:
+        say(f"note: {w}")
+    return report, result
+
+
+def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResult, list[str]]:
+    from stylex.export import load_export
+
+    req = request
+    export_dir, run_dir = resolve_export(req.run, req.checkpoint, req.runs_root)
+    say(f"explaining {run_dir or export_dir}")
+    try:
+        exp = load_export(export_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    names = list(exp.class_names)
+    dim = exp.generator.num_styles
+    if req.top_k > dim:
+        raise UsageError(f"--top-k {req.top_k} is larger than the number of style coordinates ({dim}) of this model")
+    classes = parse_classes(req.classes, names)
+    device = resolve_device(req.device)
+    trainer_kwargs = None
+    if req.devices > 1:
+        accelerator = "gpu" if device.type == "cuda" else "cpu"
+        trainer_kwargs = {"accelerator": accelerator, "devices": req.devices, "strategy": "ddp_spawn"}
+
+    config = run_config(exp.meta, run_dir)
+    resolution = exp.resolution
+    exp.to(device)
+    finder = AttFind(exp.generator, exp.classifier, AttFindConfig(
+        shift_size=req.shift_size, measure=req.measure, batch_size=req.batch_size))
+
+    # ---- the images
+    inputs, reference, info = None, None, None
+    panels: Sequence[int] = ()
+    source = req.source
+    if source == "auto":
+        source = "val" if "_target_" in (config.get("dataset") or {}) else "generated"
+    if req.images:
+        inputs = load_image_files(req.images, resolution)
+        info = [{"source": str(p)} for p in req.images]
+        flat = finder.encode(exp.encoder, inputs)
+        panels = range(len(req.images))
+        # The min/max targets need a spread of images: the given ones alone may be too few.
+        if source == "val":
+            ref_images, _ = validation_images(config, req.num_images, resolution)
+            reference = finder.encode(exp.encoder, ref_images)
+        else:
+            reference = finder.sample(req.num_images, seed=req.seed)
+    elif source == "val":
+        inputs, info = validation_images(config, req.num_images, resolution)
+        flat = finder.encode(exp.encoder, inputs)
+        panels = range(min(IMAGE_PANELS, flat.shape[0]))
+    else:
+        flat = finder.sample(req.num_images, seed=req.seed)
+        info = [{"source": f"generated:{i}"} for i in range(flat.shape[0])]
+        panels = range(min(IMAGE_PANELS, flat.shape[0]))
+
+    finder.config = AttFindConfig(shift_size=req.shift_size, measure=req.measure, batch_size=req.batch_size,
+                                  prescreen=choose_prescreen(req, finder, flat.shape[0], say))
+
+    probe = None
+    if req.ground_truth:
+        target = str((config.get("dataset") or {}).get("_target_", ""))
+        if not target.endswith("SyntheticDataModule"):
+            raise UsageError("--ground-truth needs a run on the synthetic dataset (its factors are the truth)")
+        say("training the factor probe on synthetic scenes")
+        probe = train_factor_probe(resolution, device=finder.device)
+
+    out_dir = req.out or ((run_dir or export_dir.parent) / "explain")
+    settings = {"run": str(run_dir or export_dir), "source": "images" if req.images else source,
+                "num_images": int(flat.shape[0]), "top_k": req.top_k, "shift_size": req.shift_size,
+                "measure": req.measure, "prescreen": finder.config.prescreen, "device": str(finder.device)}
+    report, result = explain_and_report(
+        finder, flat, out_dir, names, top_k=req.top_k, classes=classes, reference=reference,
+        flip_k=req.flip_k, examples=req.examples, image_info=info, inputs=inputs,
+        image_panels=panels, settings=settings, trainer_kwargs=trainer_kwargs, ground_truth_probe=probe,
+        progress=say, title=f"StylEx explanation of {(run_dir or export_dir).name}",
+    )
+    if run_dir is not None and req.wandb:
+        lcfg = wandb_settings(config)
+        if lcfg is not None:
+            say("logging to W&B")
+            log_to_wandb(lcfg, run_dir, report)
+    return report, result, names
+
+
+# ============================================================================ choices
+def parse_classes(
+    values: Sequence[str] | None,  # --classes values: names or indices, comma-separated or repeated
+    names: Sequence[str],  # the classifier's class names
+) -> list[int] | None:  # class indices (None = every class)
+    if not values:
+        return None
+    out = []
+    for item in (v.strip() for value in values for v in str(value).split(",")):
+        if not item:
+            continue
+        if item in names:
+            out.append(list(names).index(item))
+        elif item.lstrip("-").isdigit() and 0 <= int(item) < len(names):
+            out.append(int(item))
+        else:
+            raise UsageError(f"--classes: unknown class {item!r}; the classes are "
+                             + ", ".join(f"{i}={n!r}" for i, n in enumerate(names)))
+    return list(dict.fromkeys(out))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: "auto" = cuda when available, else cpu; a device that is not there is a
+    UsageError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
+    return dev
+
+
+def choose_prescreen(
+    request: ExplainRequest,
+    finder: AttFind,
+    n: int,  # images to explain
+    say: Say,
+) -> int | None:  # candidates per class, or None for the exhaustive search
+    """``--prescreen``: a number, "none", or "auto": time a batch of renders, extrapolate the
+    exhaustive search and pre-screen when it would exceed ``--time-budget``."""
+    value = str(request.prescreen).lower()
+    if value == "none":
+        return None
+    if value != "auto":
+        try:
+            m = int(value)
+        except ValueError:
+            raise UsageError(f"--prescreen must be 'auto', 'none' or a number of candidates, "
+                             f"got {request.prescreen!r}") from None
+        return _positive(m, "--prescreen")
+    ev = finder.evaluator
+    b = min(ev.batch_size, 64)
+    flat = finder.sample(1, seed=request.seed).to(finder.device).expand(b, -1).contiguous()
+    with torch.no_grad():
+        ev.log_probs(flat)  # warm-up
+        t = time.perf_counter()
+        ev.log_probs(flat)
+    per_render = (time.perf_counter() - t) / b
+    estimate = per_render * n * 2 * finder.space.dim
+    if estimate <= request.time_budget:
+        say(f"exhaustive search: about {estimate:.0f} s (budget {request.time_budget:.0f} s)")
+        return None
+    say(f"an exhaustive search would take about {estimate:.0f} s > --time-budget {request.time_budget:.0f} s: "
+        f"pre-screening {AUTO_PRESCREEN} candidate edits per class")
+    return AUTO_PRESCREEN

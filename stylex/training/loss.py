@@ -1,0 +1,311 @@
+"""The StylEx objective, in phases.
+
+One training step has two updates, and the objective is split into the phases that feed them
+(the shape of StyleGAN2-ADA's loss: main terms and lazy regularisers apart):
+
+==========  ====================================================================  ===========
+phase       terms                                                                 trains
+==========  ====================================================================  ===========
+D main      logistic loss, real images vs generated ones, given the class output  D
+D reg       lazy R1 on the same real pass, every ``r1_interval`` D steps (f32)    D
+G main      encoder path ``x̂ = G(E(x) ⊕ C(x))``: L1 + perceptual + latent L1 +    G (and E)
+            KL(C(x) ‖ C(x̂)) + adversarial; noise path ``x̃ = G(M(z) ⊕ p̃)``:
+            adversarial + KL(p̃ ‖ C(x̃))
+G reg       lazy path-length penalty, every ``pl_interval`` G steps (f32)          G
+E fit       after training: E alone against the frozen EMA generator              E
+==========  ====================================================================  ===========
+
+Each phase returns ``(loss, logs)``; :class:`~stylex.training.module.StylexModule` owns the
+optimisers, the counters that decide when a lazy phase is due, and the logging.
+
+:class:`LossConfig` holds every option and its default: it is the one source of these values
+(the Hydra group ``loss`` is built from it; ``configs/loss/stylex.yaml`` only ties R1 to the
+model preset).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterator, Mapping, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from stylex.training import losses
+from stylex.training.perceptual import ClassifierFeatures, feature_distance, resolve_backend
+
+BATCH_MODES = ("both", "alternate")
+D_FAKES = ("both", "encoder", "noise")
+ENCODER_LOSSES = ("reconstruction", "all")
+
+
+@dataclass
+class LossConfig:
+    """Weights and schedules of the StylEx objective (``loss.*`` on the command line)."""
+
+    adv: float = 1.0  # non-saturating adversarial loss of the generator
+    rec_l1: float = 1.0  # L1(x, x̂), pixels in [-1, 1]
+    perceptual: float = 1.0  # perceptual(x, x̂)
+    perceptual_backend: str = "auto"  # auto | lpips | classifier | none (auto: LPIPS if its weights are local)
+    latent_l1: float = 0.1  # L1(E(x̂), E(x))
+    kl_rec: float = 1.0  # KL(C(x) ‖ C(x̂)) on the encoder path
+    kl_gen: float = 1.0  # KL(p̃ ‖ C(G(z, p̃))) on the noise path
+    r1_gamma: float = 0.05  # R1 weight (the penalty is gamma / 2 · |∇D|²); the model presets set it
+    r1_interval: int = 16  # lazy R1: every N discriminator steps (0 = never)
+    pl_weight: float = 0.0  # path-length regularisation (0 = off; StyleGAN2 uses 2)
+    pl_interval: int = 4  # lazy path length: every N generator steps
+    pl_decay: float = 0.01  # decay of the running mean of path lengths
+    batch_mode: str = "both"  # both | alternate: encoder and noise paths every step, or in turns
+    d_fakes: str = "both"  # which fakes the discriminator sees: both | encoder | noise
+    encoder_losses: str = "reconstruction"  # what trains E: reconstruction (pixel, perceptual, latent) | all
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", "int") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"loss.{f.name} must be a number, got {value!r}")
+        if self.batch_mode not in BATCH_MODES:
+            raise ValueError(f"loss.batch_mode must be 'both' or 'alternate', got {self.batch_mode!r}")
+        if self.d_fakes not in D_FAKES:
+            raise ValueError(f"loss.d_fakes must be 'both', 'encoder' or 'noise', got {self.d_fakes!r}")
+        if self.encoder_losses not in ENCODER_LOSSES:
+            raise ValueError(f"loss.encoder_losses must be 'reconstruction' or 'all', got {self.encoder_losses!r}")
+        resolve_backend(self.perceptual_backend)  # names the option when the backend is unknown
+
+    @classmethod
+    def coerce(cls, loss: "LossConfig | Mapping[str, Any] | None") -> "LossConfig":
+        """``loss`` itself, or a config built (and checked) from a mapping of options."""
+        if isinstance(loss, cls):
+            return loss
+        options = dict(loss or {})
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown loss option(s) {unknown}; known: {sorted(f.name for f in fields(cls))}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StepInputs(NamedTuple):
+    """What every phase of one step reads: the batch and the frozen classifier's view of it."""
+
+    x: torch.Tensor  # [B, 3, R, R] real images in [-1, 1]
+    c_real: torch.Tensor  # [B, K] C(x) as probabilities: the encoder path's conditioning
+    c_noise: torch.Tensor  # [B, K] the noise path's conditioning: c_real of other images of the batch
+    feats_real: list[torch.Tensor]  # classifier features of x (perceptual backend "classifier"), or []
+
+
+Logs = dict[str, torch.Tensor]
+
+
+class StylexLoss:
+    """The phases of the StylEx objective over the networks of a :class:`StylexModule`.
+
+    Holds references, not copies, and is not an ``nn.Module``: the networks stay registered in
+    (and are moved, saved and synchronised by) the LightningModule alone.
+    """
+
+    def __init__(
+        self,
+        config: LossConfig,
+        G: nn.Module,  # the live generator
+        D: nn.Module,
+        E: nn.Module,
+        G_ema: nn.Module,  # its moving average (the encoder fit's target)
+        C: ClassifierFeatures,  # the frozen classifier, with its intermediate features
+        lpips: nn.Module | None = None,  # the LPIPS distance, when that is the perceptual backend
+    ) -> None:
+        self.cfg = config
+        self.G, self.D, self.E, self.G_ema, self.C = G, D, E, G_ema, C
+        self.perceptual_backend = resolve_backend(config.perceptual_backend) if config.perceptual > 0 else "none"
+        self.lpips = lpips
+
+    # ------------------------------------------------------------------ shared pieces
+    def _classify(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if features and self.perceptual_backend == "classifier":
+            return self.C(x)
+        return self.C.classifier(x), []
+
+    def _perceptual(self, x_rec, x, feats_rec, feats_real) -> torch.Tensor:
+        if self.perceptual_backend == "classifier":
+            return feature_distance(feats_rec, [f.detach() for f in feats_real]).mean()
+        if self.perceptual_backend == "lpips":
+            return self.lpips(x_rec, x).mean()
+        return x.new_zeros(())
+
+    @staticmethod
+    @contextmanager
+    def _float32(device: torch.device) -> Iterator[None]:
+        """Full precision inside autocast (for R1 and path length: squared gradients overflow or
+        lose all precision in half formats)."""
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+
+    def paths(self, g_step: int) -> tuple[bool, bool]:
+        """(encoder path, noise path) taken at this generator step (``batch_mode``)."""
+        both = self.cfg.batch_mode == "both"
+        return both or g_step % 2 == 0, both or g_step % 2 == 1
+
+    @torch.no_grad()
+    def prepare(self, x: torch.Tensor) -> StepInputs:
+        """The classifier pass of a step, shared by every phase."""
+        logits_real, feats_real = self._classify(x, features=True)
+        c_real = logits_real.float().softmax(dim=1)
+        # Class vectors of other images of the batch, so that the generator sees the same
+        # distribution of conditionings on both paths.
+        c_noise = c_real[torch.randperm(c_real.shape[0], device=c_real.device)]
+        return StepInputs(x, c_real, c_noise, feats_real)
+
+    # ------------------------------------------------------------------ D main + D reg
+    def discriminator(
+        self,
+        inputs: StepInputs,
+        paths: tuple[bool, bool],  # (encoder path, noise path) of this step
+        r1: bool,  # whether the lazy R1 penalty is due
+    ) -> tuple[torch.Tensor, Logs]:
+        """Logistic loss of D on real images vs the fakes of the step's paths; with ``r1`` the
+        R1 penalty (scaled by ``r1_interval``) rides on the same real pass, in float32."""
+        cfg, x = self.cfg, inputs.x
+        use_enc, use_noise = paths
+        fakes, conds = [], []
+        with torch.no_grad():
+            if use_enc and cfg.d_fakes in ("both", "encoder"):
+                fakes.append(self.G.generate(self.E(x), inputs.c_real))
+                conds.append(inputs.c_real)
+            if use_noise and cfg.d_fakes in ("both", "noise") or not fakes:
+                z = torch.randn(x.shape[0], self.G.z_dim, device=x.device)
+                fakes.append(self.G(z, inputs.c_noise))
+                conds.append(inputs.c_noise)
+        fake_logits = torch.cat([self.D(f, c) for f, c in zip(fakes, conds)])
+        logs: Logs = {}
+        if r1:
+            with self._float32(x.device):
+                x_r1 = x.detach().float().requires_grad_(True)
+                real_logits = self.D(x_r1, inputs.c_real)
+                penalty = losses.r1_penalty(x_r1, real_logits)
+        else:
+            real_logits = self.D(x, inputs.c_real)
+        loss = losses.d_logistic_loss(real_logits, fake_logits)
+        logs["train/loss_d"] = loss.detach()
+        logs["train/d_real"] = real_logits.detach().mean()
+        if r1:
+            loss = loss + penalty * (cfg.r1_gamma / 2 * cfg.r1_interval)
+            logs["train/r1"] = penalty.detach()
+        return loss, logs
+
+    # ------------------------------------------------------------------ G main
+    def generator(
+        self,
+        inputs: StepInputs,
+        paths: tuple[bool, bool],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Logs]:
+        """The generator's (and encoder's) loss of the step's paths.
+
+        Returns ``(loss, encoder_surrogate, logs)``. With ``encoder_losses="reconstruction"``
+        the generator sees ``w = E(x)`` as a leaf and E learns from the reconstruction terms
+        alone, through ``encoder_surrogate`` (see :meth:`_encoder_surrogate`), which the caller
+        adds to the same backward pass; it is None otherwise.
+        """
+        cfg, x = self.cfg, inputs.x
+        use_enc, use_noise = paths
+        loss = x.new_zeros((), dtype=torch.float32)
+        surrogate = None
+        logs: Logs = {}
+        if use_enc:
+            w = self.E(x)
+            split = cfg.encoder_losses == "reconstruction"
+            w_in = w.detach().requires_grad_(True) if split else w
+            x_rec = self.G.generate(w_in, inputs.c_real)
+            logits_rec, feats_rec = self._classify(x_rec, features=True)
+            rec_l1 = losses.l1(x_rec.float(), x.float())
+            perc = self._perceptual(x_rec, x, feats_rec, inputs.feats_real) if cfg.perceptual > 0 else x.new_zeros(())
+            lat = losses.l1(self.E(x_rec).float(), w_in.float())
+            kl_rec = losses.classifier_kl(inputs.c_real, logits_rec)
+            adv_rec = losses.g_nonsaturating_loss(self.D(x_rec, inputs.c_real))
+            reconstruction = cfg.rec_l1 * rec_l1 + cfg.perceptual * perc + cfg.latent_l1 * lat
+            loss = loss + reconstruction + cfg.kl_rec * kl_rec + cfg.adv * adv_rec
+            if split:
+                surrogate = self._encoder_surrogate(reconstruction, w, w_in)
+            logs.update({
+                "train/rec_l1": rec_l1.detach(), "train/perceptual": perc.detach(), "train/latent_l1": lat.detach(),
+                "train/kl_rec": kl_rec.detach(), "train/adv_rec": adv_rec.detach(),
+            })
+        if use_noise:
+            z = torch.randn(x.shape[0], self.G.z_dim, device=x.device)
+            x_gen = self.G(z, inputs.c_noise)
+            logits_gen, _ = self._classify(x_gen, features=False)
+            kl_gen = losses.classifier_kl(inputs.c_noise, logits_gen)
+            adv_gen = losses.g_nonsaturating_loss(self.D(x_gen, inputs.c_noise))
+            loss = loss + cfg.kl_gen * kl_gen + cfg.adv * adv_gen
+            logs.update({"train/kl_gen": kl_gen.detach(), "train/adv_gen": adv_gen.detach()})
+        return loss, surrogate, logs
+
+    @staticmethod
+    def _encoder_surrogate(reconstruction: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor) -> torch.Tensor:
+        """A term whose gradient gives E exactly the gradient of ``reconstruction`` through w.
+
+        E inverts the generator, so it learns from the pixel, perceptual and latent terms only;
+        the classifier-KL and adversarial terms train the generator. Through a sharp classifier
+        the KL gradient is large and erratic, and mixed into E's Adam steps it drowns the
+        reconstruction signal: E(x) collapses toward one latent and reconstructions keep the
+        class (from the conditioning) but not the image. The generator's graph starts at the
+        leaf ``w_in``; ``g = d reconstruction / d w_in`` is taken first, and ``sum(w * g)``
+        (value irrelevant, gradient ``J_E^T g``) joins the one backward pass of the step, so a
+        distributed run still reduces every gradient once.
+        """
+        (g,) = torch.autograd.grad(reconstruction, w_in, retain_graph=True, allow_unused=True)
+        if g is None:
+            return w.sum() * 0.0
+        return (w.float() * g.detach().float()).sum()
+
+    # ------------------------------------------------------------------ G reg
+    def path_length(
+        self,
+        inputs: StepInputs,
+        pl_mean: torch.Tensor,  # [] running mean of path lengths (a buffer, updated in place)
+    ) -> tuple[torch.Tensor, Logs]:
+        """The lazy path-length penalty, scaled by ``pl_weight * pl_interval``, in float32."""
+        cfg, x = self.cfg, inputs.x
+        with self._float32(x.device):
+            pl_b = max(1, x.shape[0] // 2)
+            z = torch.randn(pl_b, self.G.z_dim, device=x.device)
+            # Not detached: as in StyleGAN2 the penalty also shapes the mapping network.
+            w_pl = self.G.mapping(z, update_w_avg=False)
+            img = self.G.generate(w_pl, inputs.c_noise[:pl_b])
+            penalty = losses.path_length_penalty(img, w_pl, pl_mean, cfg.pl_decay)
+        return penalty * (cfg.pl_weight * cfg.pl_interval), {"train/path_length": penalty.detach()}
+
+    # ------------------------------------------------------------------ E fit
+    def encoder_fit(
+        self,
+        x: torch.Tensor,  # [B, 3, R, R] real images
+        kl_weight: float = 0.0,  # weight of KL(C(x) ‖ C(x̂)) added to the reconstruction terms
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (loss, pixel L1)
+        """The encoder's objective on ``x`` through the frozen EMA generator: the weighted pixel,
+        perceptual and latent terms, plus ``kl_weight`` times the classifier KL of the
+        reconstruction.
+
+        It repeats the reconstruction terms of :meth:`generator` on purpose: the training step
+        needs ``w`` as a leaf and the surrogate gradient, the fit needs neither.
+        """
+        cfg = self.cfg
+        perceptual = cfg.perceptual > 0
+        with torch.no_grad():
+            logits, feats_real = self._classify(x, features=perceptual)
+            c = logits.float().softmax(dim=1)
+        w = self.E(x)
+        x_rec = self.G_ema.generate(w, c, noise_mode="const")
+        rec_l1 = losses.l1(x_rec.float(), x.float())
+        loss = cfg.rec_l1 * rec_l1
+        if perceptual or kl_weight > 0:
+            logits_rec, feats_rec = self._classify(x_rec, features=perceptual)
+            if perceptual:
+                loss = loss + cfg.perceptual * self._perceptual(x_rec, x, feats_rec, feats_real)
+            if kl_weight > 0:
+                loss = loss + kl_weight * losses.classifier_kl(c, logits_rec)
+        if cfg.latent_l1 > 0:
+            loss = loss + cfg.latent_l1 * losses.l1(self.E(x_rec).float(), w.float())
+        return loss, rec_l1
+
