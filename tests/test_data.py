@@ -529,3 +529,26 @@ def test_potato_leaves_split_folders():
     sample = dm.test_dataset[0]
     assert sample["image"].shape == (3, 16, 16)
     assert -1.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+
+
+def test_lesion_scale_grows_the_lesions_and_nothing_else():
+    from stylex.data.synthetic import EXUDATE, HAEMORRHAGE, render_batch
+
+    data = generate_split(64, seed=3, split="train", resolution=32)
+    f = data["factors"]
+    lesions = (f[:, 0] > 0) | (f[:, 1] > 0)
+    assert lesions.any() and (~lesions).any()
+    img1, mask1 = render_batch(f, 32, lesion_scale=1.0)
+    img2, mask2 = render_batch(f, 32, lesion_scale=1.6)
+    np.testing.assert_array_equal(img1, data["images"])  # scale 1 is the default
+    # scenes without lesions are the same picture at any scale
+    np.testing.assert_array_equal(img1[~lesions], img2[~lesions])
+    # lesion area grows about as the square of the scale (pixel rounding aside)
+    for kind in (EXUDATE, HAEMORRHAGE):
+        a1, a2 = float((mask1 == kind).sum()), float((mask2 == kind).sum())
+        assert 1.6 ** 2 * 0.7 < a2 / a1 < 1.6 ** 2 * 1.3, (kind, a1, a2)
+    # every scene keeps its lesion kinds: a kind present at scale 1 is present at 1.6 and vice versa
+    for kind in (EXUDATE, HAEMORRHAGE):
+        np.testing.assert_array_equal((mask1 == kind).any(axis=(1, 2)), (mask2 == kind).any(axis=(1, 2)))
+    with pytest.raises(ValueError, match="lesion_scale must lie in"):
+        render_batch(f[:1], 32, lesion_scale=10)

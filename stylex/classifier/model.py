@@ -32,7 +32,7 @@ from stylex.classifier.checkpoint import METADATA_KEY, plain_data, read_checkpoi
 from stylex.utils.io import atomic_write, atomic_write_text
 
 # The keys of Classifier.config; they are also the overrides Classifier.load accepts.
-CONFIG_KEYS = ("arch", "num_classes", "input_size", "in_chans", "timm_kwargs")
+CONFIG_KEYS = ("arch", "num_classes", "input_size", "in_chans", "timm_kwargs", "temperature")
 
 # timm_kwargs may not repeat what Classifier passes to timm.create_model itself.
 _RESERVED_TIMM_KWARGS = ("model_name", "pretrained", "num_classes", "in_chans")
@@ -134,10 +134,13 @@ class Classifier(nn.Module):
         input_size: int | None = None,  # side the images are resized to; None = as they come
         pretrained: bool = False,  # start from timm's pretrained weights (downloads them)
         in_chans: int = 3,  # image channels
+        temperature: float = 1.0,  # logits are divided by it (calibration; see stylex.classifier.calibration)
         **timm_kwargs: Any,  # passed on to timm.create_model (e.g. drop_rate=0.1)
     ) -> None:
         super().__init__()
         check_arch(arch)
+        if not float(temperature) > 0:
+            raise ValueError(f"the classifier's temperature must be > 0, got {temperature}")
         if int(num_classes) < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
         if input_size is not None and int(input_size) < 1:
@@ -154,6 +157,7 @@ class Classifier(nn.Module):
         self.num_classes = int(num_classes)
         self.input_size = None if input_size is None else int(input_size)
         self.in_chans = int(in_chans)
+        self.temperature = float(temperature)
         self.timm_kwargs = plain_data(dict(timm_kwargs))
         self.model = _create_timm_model(arch, self.num_classes, bool(pretrained), self.in_chans, self.timm_kwargs)
         mean, std = _normalisation(self.model, self.in_chans)
@@ -186,8 +190,11 @@ class Classifier(nn.Module):
         self,
         x: torch.Tensor,  # [B, in_chans, H, W] in [-1, 1], e.g. generator output
     ) -> torch.Tensor:
-        """Logits ``[B, num_classes]``; differentiable with respect to ``x``."""
+        """Logits ``[B, num_classes]`` (divided by the temperature); differentiable with respect
+        to ``x``."""
         logits = self.model(self.preprocess(x))
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         assert logits.shape == (x.shape[0], self.num_classes), (
             f"timm model {self.arch!r} returned shape {tuple(logits.shape)}, expected "
             f"[{x.shape[0]}, {self.num_classes}]; check classifier.timm_kwargs"
@@ -238,13 +245,16 @@ class Classifier(nn.Module):
 
         JSON-serialisable as long as the timm kwargs are.
         """
-        return {
+        config = {
             "arch": self.arch,
             "num_classes": self.num_classes,
             "input_size": self.input_size,
             "in_chans": self.in_chans,
             "timm_kwargs": dict(self.timm_kwargs),
         }
+        if self.temperature != 1.0:  # only a calibrated classifier records one
+            config["temperature"] = self.temperature
+        return config
 
     @classmethod
     def from_config(
@@ -265,6 +275,7 @@ class Classifier(nn.Module):
             input_size=config.get("input_size"),
             pretrained=pretrained,
             in_chans=int(config.get("in_chans") or 3),
+            temperature=float(config.get("temperature") or 1.0),
             **plain_data(config.get("timm_kwargs") or {}),
         )
 

@@ -35,10 +35,13 @@ from typing import Any, Dict, Optional
 import timm
 import torch
 
+from stylex.classifier.calibration import collect_logits, expected_calibration_error, fit_temperature
 from stylex.classifier.checkpoint import plain_data, read_checkpoint
 from stylex.classifier.model import Classifier, check_arch
 from stylex.classifier.training import train_classifier
 from stylex.errors import ConfigError
+from stylex.utils.dist import is_rank_zero
+from stylex.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +121,13 @@ class ClassifierTraining:
     balanced_loss: bool = False  # weight cross-entropy by inverse class frequency
     augment: bool = True  # random mirror + translation by up to 1/16 of the image side
     batch_size: Optional[int] = None  # the classifier stage's batch size (None = the data module's)
+    label_smoothing: float = 0.0  # cross-entropy against softened labels, in [0, 1) (a less saturated classifier)
 
     def __post_init__(self) -> None:
         section = "classifier.train"
+        self.label_smoothing = _real(f"{section}.label_smoothing", self.label_smoothing, positive=False)
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"{section}.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         self.max_epochs = _whole(f"{section}.max_epochs", self.max_epochs, minimum=1)
         self.lr = _real(f"{section}.lr", self.lr, positive=True)
         self.weight_decay = _real(f"{section}.weight_decay", self.weight_decay, positive=False)
@@ -141,11 +148,13 @@ class ClassifierConfig:
     checkpoint: Optional[str] = None  # a trained classifier (.safetensors, ClassifierModule .ckpt, or state_dict)
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model, e.g. {drop_rate: 0.1}
     train: ClassifierTraining = field(default_factory=ClassifierTraining)  # the training stage's options
+    calibrate: bool = False  # fit a temperature on the validation split (softer, calibrated probabilities)
 
     def __post_init__(self) -> None:
         if self.arch is not None and (not isinstance(self.arch, str) or not self.arch):
             raise ConfigError(f"classifier.arch must be a timm model name such as resnet18, got {self.arch!r}")
         self.pretrained = _flag("classifier.pretrained", self.pretrained)
+        self.calibrate = _flag("classifier.calibrate", self.calibrate)
         if self.input_size is not None:
             self.input_size = _whole("classifier.input_size", self.input_size, minimum=1)
         self.in_chans = _whole("classifier.in_chans", self.in_chans, minimum=1)
@@ -288,7 +297,10 @@ def prepare_classifier(
 
     if config.checkpoint:
         classifier = _build(config, datamodule.num_classes)
-        return classifier.freeze(), {"source": str(config.checkpoint)}
+        metrics = {"source": str(config.checkpoint)}
+        if config.calibrate:
+            metrics.update(calibrate(classifier, datamodule))
+        return classifier.freeze(), metrics
 
     if saved.is_file():
         log.info("using the classifier trained earlier in this run: %s", saved)
@@ -317,7 +329,34 @@ def prepare_classifier(
             balanced_loss=train.balanced_loss,
             augment=train.augment,
             logger=list(loggers) or None,
+            label_smoothing=train.label_smoothing,
         )
     finally:
         datamodule.batch_size = gan_batch
-    return classifier, {"source": str(saved), **metrics}
+    metrics = {"source": str(saved), **metrics}
+    if config.calibrate:
+        metrics.update(calibrate(classifier, datamodule))
+        if is_rank_zero():  # the saved classifier and its figures carry the temperature
+            classifier.save(saved)
+            atomic_write_json(out_dir / "classifier_metrics.json",
+                              {k: v for k, v in metrics.items() if k != "source"})
+    return classifier, metrics
+
+
+def calibrate(
+    classifier: Classifier,  # its temperature is set in place
+    datamodule: Any,  # its val_dataloader() gives the held-out images
+) -> dict[str, float]:
+    """Fit the classifier's temperature on the validation split; returns the temperature and the
+    expected calibration error and NLL before and after."""
+    logits, labels = collect_logits(classifier, datamodule.val_dataloader())
+    temperature = fit_temperature(logits, labels)
+    classifier.temperature = temperature
+    figures = {"temperature": temperature}
+    for tag, t in (("before", 1.0), ("after", temperature)):
+        probs = (logits / t).softmax(dim=1)
+        figures[f"ece_{tag}"] = expected_calibration_error(probs, labels)
+        figures[f"nll_{tag}"] = float(torch.nn.functional.cross_entropy(logits / t, labels))
+    log.info("classifier temperature %.3f: expected calibration error %.4f -> %.4f, NLL %.4f -> %.4f",
+             temperature, figures["ece_before"], figures["ece_after"], figures["nll_before"], figures["nll_after"])
+    return figures

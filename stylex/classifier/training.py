@@ -107,6 +107,7 @@ class ClassifierModule(pl.LightningModule):
         class_weights: torch.Tensor | Sequence[float] | None = None,  # [K] cross-entropy weights
         augment: bool = True,  # random mirror + small translation of training images
         max_shift: float = 0.0625,  # largest translation, as a fraction of the image side
+        label_smoothing: float = 0.0,  # cross-entropy against (1 - e) one-hot + e / K (0 = plain labels)
     ) -> None:
         super().__init__()
         if classifier is None:
@@ -129,6 +130,7 @@ class ClassifierModule(pl.LightningModule):
                 "class_weights": None if weights is None else weights.tolist(),
                 "augment": bool(augment),
                 "max_shift": float(max_shift),
+                "label_smoothing": float(label_smoothing),
             }
         )
         self.classifier = classifier
@@ -144,7 +146,8 @@ class ClassifierModule(pl.LightningModule):
         return self.classifier(x)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+        return F.cross_entropy(logits.float(), labels, weight=self.class_weights,
+                               label_smoothing=self.hparams.get("label_smoothing", 0.0))
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = _unpack(batch)
@@ -224,6 +227,7 @@ def train_classifier(
     balanced_loss: bool,  # weight the loss by inverse class frequency of train_labels()
     augment: bool,  # random mirror + small translation
     logger: Any = None,  # a Lightning logger, or None for no logging
+    label_smoothing: float = 0.0,  # see ClassifierModule
 ) -> tuple[Classifier, dict[str, Any]]:
     """Train ``classifier`` on ``datamodule`` with its own short Lightning run, save it, freeze it.
 
@@ -269,7 +273,8 @@ def train_classifier(
         default_root_dir=str(out_dir),
     )
     module = ClassifierModule(
-        classifier, lr=lr, weight_decay=weight_decay, class_weights=class_weights, augment=augment
+        classifier, lr=lr, weight_decay=weight_decay, class_weights=class_weights, augment=augment,
+        label_smoothing=label_smoothing
     )
 
     start = time.perf_counter()

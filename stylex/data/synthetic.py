@@ -46,7 +46,9 @@ mask (``SEGMENT_NAMES``) gives a pixel to a lesion class whenever that lesion co
 sub-pixels (lesions are drawn on top), and otherwise to the class covering most of it.
 
 Coordinates are "image units": x to the right and y downwards, both in [-1, 1] across the
-image, so a scene has the same geometry at every resolution.
+image, so a scene has the same geometry at every resolution. ``lesion_scale`` multiplies the
+lesion radii (1 = the sizes above): at 32x32 an exudate of scale 1 is 2 to 3 pixels across, and
+a quick CPU run can use larger lesions; the label and every other factor are unchanged by it.
 """
 
 from __future__ import annotations
@@ -149,6 +151,12 @@ def _check_lesion_args(
     return lo, hi
 
 
+def _check_lesion_scale(lesion_scale: float) -> float:
+    if not 0.25 <= float(lesion_scale) <= 3.0:
+        raise ValueError(f"lesion_scale must lie in [0.25, 3] (a multiple of the lesion radii), got {lesion_scale!r}")
+    return float(lesion_scale)
+
+
 def sample_factors(
     rng: np.random.Generator,
     lesion_prob: float = 0.3,  # probability that each lesion kind is present
@@ -242,6 +250,7 @@ def lesion_slots(
     disc_x: float,
     disc_y: float,
     fundus_radius: float,
+    lesion_scale: float = 1.0,  # multiplies every lesion radius
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate lesion discs ``(exudate_slots, haemorrhage_slots)``, each ``[MAX_LESIONS, 3]``.
 
@@ -254,6 +263,7 @@ def lesion_slots(
     radii = np.empty(2 * MAX_LESIONS)
     radii[0::2] = rng.uniform(*EXUDATE_RADIUS, size=MAX_LESIONS)  # interleave the kinds so
     radii[1::2] = rng.uniform(*HAEMORRHAGE_RADIUS, size=MAX_LESIONS)  # neither gets leftovers
+    radii *= float(lesion_scale)
     # Uniform points in the fundus disc (radius ~ sqrt(u) keeps the density uniform).
     u = rng.random((2, 192))
     rho = np.sqrt(u[0]) * fundus_radius
@@ -321,6 +331,7 @@ def _paint_capsules(
 def render_batch(
     factors: np.ndarray,  # float [B, F] in FACTOR_NAMES order
     resolution: int,  # output side R, a power of two
+    lesion_scale: float = 1.0,  # multiplies every lesion radius (see the module docstring)
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render scenes: uint8 images ``[B, R, R, 3]`` and int64 masks ``[B, R, R]``."""
     factors = np.asarray(factors, dtype=np.float64)
@@ -331,6 +342,7 @@ def render_batch(
         )
     if not is_power_of_two(resolution) or not 4 <= resolution <= 1024:
         raise ValueError(f"resolution must be a power of two in [4, 1024], got {resolution!r}")
+    _check_lesion_scale(lesion_scale)
     f = {name: factors[:, i] for i, name in enumerate(FACTOR_NAMES)}
     counts = {name: np.rint(f[name]).astype(np.int64) for name in CAUSAL_FACTORS}
     for name, c in counts.items():
@@ -343,7 +355,7 @@ def render_batch(
         vessel_pieces(s, a, x, y)
         for s, a, x, y in zip(f["vessel_seed"], f["vessel_angle"], f["disc_x"], f["disc_y"])
     ]) if batch else np.zeros((0, NUM_VESSEL_PIECES, 5))
-    slots = [lesion_slots(s, x, y, r) for s, x, y, r in
+    slots = [lesion_slots(s, x, y, r, lesion_scale) for s, x, y, r in
              zip(f["lesion_seed"], f["disc_x"], f["disc_y"], f["fundus_radius"])]
     slot_index = np.arange(MAX_LESIONS)
 
@@ -407,6 +419,7 @@ def render_scene(
     factors: Mapping[str, float],  # factor name -> value (see FACTOR_NAMES)
     resolution: int,  # output side, a power of two
     rng: np.random.Generator | None = None,  # draws the factors missing from ``factors``
+    lesion_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one scene: ``(image uint8 [R, R, 3], mask int64 [R, R])``.
 
@@ -424,7 +437,7 @@ def render_scene(
             raise ValueError(f"factors {missing} are missing; give them or pass an rng")
         drawn = sample_factors(rng)
         full.update({name: drawn[name] for name in missing})
-    images, masks = render_batch(factors_to_vector(full)[None], resolution)
+    images, masks = render_batch(factors_to_vector(full)[None], resolution, lesion_scale)
     return images[0], masks[0]
 
 
@@ -446,6 +459,7 @@ def generate_split(
     lesion_count: Sequence[int] = (1, 4),
     chunk_pixels: int = 1 << 22,  # sub-pixels rendered at once (bounds the memory)
     progress: bool = False,
+    lesion_scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """All scenes of a split: ``images`` uint8 ``[N, R, R, 3]``, ``masks`` uint8 ``[N, R, R]``,
     ``factors`` float32 ``[N, F]``. Scene ``i`` depends only on ``(seed, split, i)``."""
@@ -462,7 +476,7 @@ def generate_split(
     bar = tqdm(starts, desc=f"rendering synthetic {split} ({num})", unit="chunk",
                disable=not progress, delay=1.0, leave=False)
     for start in bar:
-        img, msk = render_batch(factors[start:start + chunk], resolution)
+        img, msk = render_batch(factors[start:start + chunk], resolution, lesion_scale)
         images[start:start + chunk] = img
         masks[start:start + chunk] = msk
     return {"images": images, "masks": masks, "factors": factors}
@@ -481,6 +495,7 @@ class SyntheticDataModule(ImageDataModule):
         num_train, num_val, num_test: scenes per split; the splits draw from disjoint streams.
         lesion_prob: probability that each lesion kind is present in a scene.
         lesion_count: inclusive ``(min, max)`` number of lesions of a present kind.
+        lesion_scale: multiplies every lesion radius (1 = the sizes of the module docstring).
         (the remaining arguments are those of :class:`ImageDataModule`)
     """
 
@@ -503,6 +518,7 @@ class SyntheticDataModule(ImageDataModule):
         num_test: int = 512,
         lesion_prob: float = 0.3,
         lesion_count: Sequence[int] = (1, 4),
+        lesion_scale: float = 1.0,
     ):
         super().__init__(
             resolution=resolution, batch_size=batch_size, num_workers=num_workers,
@@ -521,13 +537,14 @@ class SyntheticDataModule(ImageDataModule):
         self._class_names = class_names_for(int(num_classes))
         self.lesion_prob = float(lesion_prob)
         self.lesion_count = _check_lesion_args(lesion_prob, list(lesion_count))
+        self.lesion_scale = _check_lesion_scale(lesion_scale)
         self.sizes = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
 
     def _split(self, split: str) -> ArrayImageDataset:
         data = generate_split(
             self.sizes[split], self.seed, split, self.resolution,
             lesion_prob=self.lesion_prob, lesion_count=self.lesion_count,
-            progress=show_progress(),
+            progress=show_progress(), lesion_scale=self.lesion_scale,
         )
         factors = data["factors"]
         e = factors[:, FACTOR_NAMES.index("exudates")]
