@@ -11,7 +11,14 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
   haemorrhages), with the factor read off the renders by a probe trained on synthetic scenes
   (:mod:`stylex.explain.factors`); the probe's held-out R^2 per factor is printed too, since a
   factor it cannot read cannot be credited;
-- the flip rate against k for AttFind's image rankings and the two classifier-free baselines.
+- the flip rate against k for AttFind's image rankings and the two classifier-free baselines,
+  and beside it the KID (in the classifier's features) against the validation images of the
+  renders with the top-k attributes applied and of the unedited renders (a flip won by leaving
+  the data manifold shows as a higher edited KID), and the agreement of the unedited renders
+  with the classifier's prediction on their real inputs.
+
+The probe comes from the probe cache (``$STYLEX_CACHE_DIR/probes``) when one with these settings
+was trained before (its training time is then ~0).
 
 ``--train-steps N`` first runs ``python train.py trainer.max_steps=N`` (plus any ``--override``)
 and evaluates the run it prints. Results go to stdout and, with ``--out``, to a JSON file.
@@ -32,11 +39,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from stylex.explain.attfind import AttFind, AttFindConfig  # noqa: E402
-from stylex.explain.factors import ground_truth, train_factor_probe  # noqa: E402
+from stylex.explain.factors import ground_truth  # noqa: E402
 from stylex.explain.inputs import latest_export_run as find_latest_run  # noqa: E402
 from stylex.explain.inputs import run_config, validation_images  # noqa: E402
 from stylex.explain.metrics import sufficiency  # noqa: E402
+from stylex.explain.pipeline import manifold_lines  # noqa: E402
 from stylex.export import load_export  # noqa: E402
+from stylex.metrics.probe import cached_factor_probe  # noqa: E402
 
 
 def train_run(steps: int, runs_root: Path, overrides: list[str]) -> Path:
@@ -82,9 +91,11 @@ def main(argv=None) -> int:
     images, _ = validation_images(config, args.num_images, exp.resolution)
     flat = finder.encode(exp.encoder, images)
     result = finder.run(flat, top_k=args.top_k)
-    suff = sufficiency(result, finder.evaluator, ks=range(1, args.flip_k + 1))
+    suff = sufficiency(result, finder.evaluator, ks=range(1, args.flip_k + 1), inputs=images)
     t_probe = time.perf_counter()
-    probe = train_factor_probe(exp.resolution, num_train=args.probe_train, epochs=args.probe_epochs, device=device)
+    scale = float(config["dataset"].get("lesion_scale", 1.0))  # the probe learns lesions of the run's size
+    probe = cached_factor_probe(exp.resolution, device=device, num_train=args.probe_train, epochs=args.probe_epochs,
+                                **({"lesion_scale": scale} if scale != 1.0 else {}))
     t_probe = time.perf_counter() - t_probe
     gt = ground_truth(result, finder.evaluator, probe, min_effect=args.min_effect)
     thresholds = sorted({args.min_effect, 0.25, 0.1, 0.05}, reverse=True)
@@ -116,6 +127,8 @@ def main(argv=None) -> int:
     print("k        " + " ".join(f"{k:5d}" for k in suff.ks))
     for name, curve in suff.curves.items():
         print(f"{name:8s} " + " ".join(f"{v:5.2f}" for v in curve))
+    for line in manifold_lines(suff.to_dict()):
+        print(line)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")

@@ -36,6 +36,7 @@ def callback_targets() -> dict[str, type]:
         Summary,
         Throughput,
     )
+    from stylex.training.quality import GeneratorQuality
 
     return {
         "progress_bar": TQDMProgressBar,
@@ -44,6 +45,7 @@ def callback_targets() -> dict[str, type]:
         "samples": SampleGrid,
         "export": Exporter,
         "throughput": Throughput,
+        "quality": GeneratorQuality,
         "summary": Summary,
         "final_checkpoint": FinalCheckpoint,
         "explain": ExplainCallback,

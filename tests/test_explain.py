@@ -30,13 +30,11 @@ from stylex.explain.callback import ExplainCallback
 from stylex.explain.cli import main
 from stylex.explain.drawing import line_plot, pair_panel, toggle_frames
 from stylex.explain.factors import (
-    FactorProbe,
     GroundTruth,
     factor_changes,
     ground_truth,
     main_factor,
     recovery_purity,
-    train_factor_probe,
 )
 from stylex.explain.loggers import log_report, log_to_wandb
 from stylex.explain.measures import apply_edits, measure_change, shift_targets
@@ -45,6 +43,7 @@ from stylex.explain.pipeline import ExplainRequest, explain_run
 from stylex.explain.report import Report, write_report
 from stylex.explain.result import greedy_class_ranking
 from stylex.export import save_export
+from stylex.metrics.probe import FactorProbe, train_factor_probe
 from stylex.networks import Encoder, Generator, NoiseInjection
 from stylex.stylespace import StyleSpace
 
@@ -262,6 +261,61 @@ def test_flip_rate_matches_direct_edits(planted, planted_result):
     assert suff.curves["attfind"][0] > 0.5
     # Coordinates picked without the classifier almost never hit the planted one.
     assert suff.curves["random"][0] < suff.curves["attfind"][0]
+
+
+class PooledRedReader(nn.Module):
+    """RedReader behind the interface of a timm :class:`Classifier` (``preprocess`` and a ``model``
+    with ``forward_features`` / ``forward_head``), whose pooled features are the channel means of
+    the clamped image: the feature space the realism figures measure in."""
+
+    arch = "channel-means"
+
+    def __init__(self, reader: RedReader) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.num_features = 3
+        self.model.forward_features = lambda x: x
+        self.model.forward_head = lambda x, pre_logits=False: (
+            x.clamp(-1, 1).mean(dim=(2, 3)) if pre_logits else reader(x))
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(self.preprocess(x)))
+
+
+def test_kid_and_agreement_beside_the_flip_rate_on_a_planted_case(planted, tmp_path):
+    # Real images: renders of other styles of the same generator (on its manifold). The planted
+    # edits move the red style to its extremes, off the distribution of ordinary renders.
+    clf = PooledRedReader(planted.C)
+    finder = AttFind(planted.G, clf)
+    result = finder.run(planted.flat, top_k=2)
+    with torch.no_grad():
+        real = planted.space.render(finder.sample(48, seed=7))
+        inputs = planted.space.render(result.flat)
+    inputs[::3] = -inputs[::3]  # a third of the "real inputs" differ from what their styles render
+    suff = sufficiency(result, finder.evaluator, ks=[1, 2], inputs=inputs, real_images=real)
+    keep = torch.nonzero(result.stable).flatten()
+    r = suff.realism
+    assert r["feature"] == "classifier:channel-means" and r["k"] == 2
+    assert r["num_real"] == 48 and r["num_images"] == keep.numel() == suff.num_images
+    assert r["kid_edited"] > r["kid_unedited"] + 0.1  # about 0 unedited: the renders' own distribution
+    with torch.no_grad():
+        expected = (clf(inputs[keep]).argmax(1) == result.predicted[keep]).double().mean()
+    assert suff.agreement == pytest.approx(float(expected)) and 0 < suff.agreement < 1
+    rep = write_report(tmp_path, result, finder.evaluator, ["pale", "red"], examples=1, sufficiency=suff)
+    data = json.loads(rep.json.read_text())["flip_rate"]
+    assert data["realism"] == r and data["agreement"] == suff.agreement and data["notes"] == []
+    html = rep.html.read_text()
+    assert "leaving the data manifold" in html and "classifier:channel-means" in html
+    # Generated sources: no real inputs, which the figures say instead of inventing an agreement;
+    # a classifier without timm features is measured in its class probabilities.
+    alone = sufficiency(result, AttFind(planted.G, planted.C).evaluator, ks=[1])
+    assert alone.realism is None and alone.agreement is None
+    assert any("no real inputs" in n for n in alone.notes) and any("KID not measured" in n for n in alone.notes)
+    probs = sufficiency(result, AttFind(planted.G, planted.C).evaluator, ks=[1], real_images=real)
+    assert probs.realism["feature"] == "classifier-probs:RedReader" and probs.agreement is None
 
 
 def test_apply_edits_changes_exactly_the_listed_coordinates():
@@ -587,7 +641,7 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     run = root / "runs" / "synthetic" / "2024-01-01_00-00-00"
     cfg = tiny_cfg(run, "trainer.max_steps=2", "classifier.train.max_epochs=1", "callbacks.checkpoint.every_n_steps=100",
-                   "trainer.val_check_interval=100")
+                   "trainer.val_check_interval=100", "callbacks.quality.factor_fidelity=false")  # no probe to train
     train(cfg)
     return root, run
 

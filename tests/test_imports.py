@@ -25,9 +25,11 @@ LAYERS = {
     "stylex.data": set(),
     "stylex.classifier": set(),
     "stylex.export": {"stylex.networks", "stylex.classifier"},
-    "stylex.explain": {"stylex.stylespace", "stylex.networks", "stylex.classifier", "stylex.data", "stylex.export"},
+    "stylex.metrics": {"stylex.classifier", "stylex.data", "stylex.networks"},
+    "stylex.explain": {"stylex.stylespace", "stylex.networks", "stylex.classifier", "stylex.data", "stylex.export",
+                       "stylex.metrics"},
     "stylex.training": {"stylex.ops", "stylex.networks", "stylex.classifier", "stylex.data", "stylex.export",
-                        "stylex.stylespace", "stylex.config"},
+                        "stylex.stylespace", "stylex.config", "stylex.metrics"},
     "stylex.config": {"stylex.training", "stylex.classifier", "stylex.explain"},
     "stylex.cli": {"stylex.training"},
 }

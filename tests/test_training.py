@@ -467,3 +467,185 @@ def test_discriminator_phase_is_the_logistic_loss_plus_the_scaled_r1_penalty(tmp
     torch.testing.assert_close(logs["train/loss_d"], logistic.detach(), rtol=1e-5, atol=1e-6)
     no_r1, _ = module.loss.discriminator(inputs, (False, True), r1=False)
     assert float(loss.detach()) > float(no_r1.detach())
+
+
+# ------------------------------------------------------------------------------------------ ADA
+ADA_KIMG = 0.5  # p moves by 8 · 4 / 500 = 0.064 per update: visible within 40 steps
+
+
+@pytest.fixture(scope="module")
+def ada_run(tmp_path_factory):
+    """40 steps on 16 training images (D soon tells them from the fakes), with spies on what the
+    augmentation pipe, D and the classifier receive in the last 8 steps."""
+    run_dir = tmp_path_factory.mktemp("ada") / "synthetic" / "ada"
+    seen = {"pipe": [], "D": [], "classifier": [], "p": []}
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, module):
+            def recording() -> bool:
+                return trainer.global_step >= 32 and trainer.training
+
+            def on_pipe(m, args, out):
+                if recording():
+                    seen["pipe"].append((args[0].detach().clone(), out.detach().clone()))
+                    seen["p"].append(m.p_value)
+
+            def on_d(m, args):
+                if recording():
+                    seen["D"].append(args[0].detach().clone())
+
+            def on_classifier(m, args):
+                if recording():
+                    seen["classifier"].append(args[0].detach().clone())
+
+            module.augment.register_forward_hook(on_pipe)
+            module.D.register_forward_pre_hook(on_d)
+            module.C.classifier.register_forward_pre_hook(on_classifier)
+
+    from stylex.training import run as run_mod
+
+    original = run_mod.build_callbacks
+    run_mod.build_callbacks = lambda *a, **k: original(*a, **k) + [Spy()]
+    try:
+        train(tiny_cfg(run_dir, "dataset.num_train=16", "loss.augment=ada", f"loss.ada_kimg={ADA_KIMG}",
+                       "trainer.max_steps=40", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1.0",
+                       "trainer.check_val_every_n_epoch=10", "classifier.train.max_epochs=1",
+                       "classifier.train.batch_size=8"))
+    finally:
+        run_mod.build_callbacks = original
+    return run_dir, seen
+
+
+def _step_rows(run_dir: Path) -> list[dict[str, str]]:
+    rows = []
+    for f in (run_dir / "logs").rglob("metrics.csv"):
+        with open(f) as fh:
+            rows += [r for r in csv.DictReader(fh) if r.get("train/ada_p") not in (None, "")]
+    return sorted(rows, key=lambda r: int(r["step"]))
+
+
+def test_ada_raises_p_when_d_overfits_a_tiny_dataset(ada_run):
+    run_dir, _ = ada_run
+    rows = _step_rows(run_dir)
+    assert len(rows) == 40
+    p = [float(r["train/ada_p"]) for r in rows]
+    assert p[-1] > 0 and max(p) >= 2 * 8 * 4 / (ADA_KIMG * 1000) - 1e-6, p
+    # every 4th discriminator step an update, by exactly the formula's step toward the target
+    updates = [i for i, r in enumerate(rows) if r.get("train/rt") not in (None, "")]
+    assert updates == list(range(3, 40, 4))
+    before = 0.0
+    for i, r in enumerate(rows):
+        if i in updates:
+            rt = float(r["train/rt"])
+            step = math.copysign(8 * 4 / (ADA_KIMG * 1000), rt - 0.6) if rt != 0.6 else 0.0
+            assert p[i] == pytest.approx(min(1.0, max(0.0, before + step)), abs=1e-6), (i, rt, p)
+        else:
+            assert p[i] == before, "p moved between updates"
+        before = p[i]
+    # p is saved with the weights, so a resumed run goes on from it
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert float(ckpt["state_dict"]["augment.p"]) == pytest.approx(p[-1])
+
+
+def test_d_sees_augmented_images_and_the_classifier_never_does(ada_run):
+    _, seen = ada_run
+    assert seen["pipe"] and min(seen["p"]) > 0
+    changed = [(i, o) for i, o in seen["pipe"] if not torch.equal(i, o)]
+    assert len(changed) > len(seen["pipe"]) // 2, "at p > 0 the pipe left almost every batch untouched"
+    # every image D saw came out of the pipe (reals, fakes of both paths, the R1 pass)
+    for d_in in seen["D"]:
+        assert any(torch.equal(d_in, o) for _, o in seen["pipe"]), "D saw an image that skipped the pipe"
+    # the classifier saw the un-augmented reals, and never an augmented image
+    assert any(torch.equal(c, i) for c in seen["classifier"] for i, _ in changed)
+    for c in seen["classifier"]:
+        assert not any(c.shape == o.shape and torch.equal(c, o) for _, o in changed)
+
+
+def test_r1_is_taken_at_the_unaugmented_reals_through_the_pipe(tmp_path):
+    """D phase with a pipe at p = 1: logistic loss on augmented reals and fakes, and R1 of the
+    gradient with respect to the un-augmented reals (the chain rule through the pipe)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.augment=fixed", "loss.augment_p=1.0",
+                                    "loss.r1_gamma=0.3", "loss.r1_interval=4")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    assert module.ada is None and module.augment.p_value == 1.0 and module.loss.augment is module.augment
+    x = next(iter(dm.train_dataloader()))["image"]
+    inputs = module.loss.prepare(x)
+    torch.manual_seed(4)
+    loss, logs = module.loss.discriminator(inputs, (False, True), r1=True)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        fake = module.G(torch.randn(x.shape[0], module.G.z_dim), inputs.c_noise)
+    fake_logits = module.D(module.augment(fake), inputs.c_noise)
+    real = x.detach().clone().requires_grad_(True)
+    augmented = module.augment(real)
+    real_logits = module.D(augmented, inputs.c_real)
+    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    expected = (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+                + 0.3 / 2 * 4 * grad.square().sum(dim=[1, 2, 3]).mean())
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.loss.last_real_logits, real_logits.detach())
+    assert not torch.equal(augmented, real)
+
+
+def test_generator_adversarial_terms_see_augmented_renders_and_the_kl_terms_clean_ones(tmp_path):
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.augment=fixed", "loss.augment_p=1.0")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    calls = {"pipe": [], "D": [], "C": []}
+    module.augment.register_forward_hook(lambda m, a, o: calls["pipe"].append((a[0].detach(), o.detach())))
+    module.D.register_forward_pre_hook(lambda m, a: calls["D"].append(a[0].detach()))
+    module.C.classifier.register_forward_pre_hook(lambda m, a: calls["C"].append(a[0].detach()))
+    inputs = module.loss.prepare(next(iter(dm.train_dataloader()))["image"])
+    calls["C"].clear()
+    module.loss.generator(inputs, (True, True))
+    assert len(calls["pipe"]) == len(calls["D"]) == 2  # the encoder and the noise path's adversarial terms
+    for (renders, augmented), d_in in zip(calls["pipe"], calls["D"]):
+        assert torch.equal(d_in, augmented) and not torch.equal(renders, augmented)
+        assert any(torch.equal(c, renders) for c in calls["C"]), "the classifier did not see the clean render"
+        assert not any(torch.equal(c, augmented) for c in calls["C"])
+
+
+def test_augment_none_builds_no_pipe_and_p_zero_changes_nothing(tmp_path):
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.augment=none")
+    plain = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    assert plain.augment is None and plain.ada is None and "augment.p" not in plain.state_dict()
+    cfg_ada, _, _ = _module_and_data(tmp_path / "b")
+    ada = build_module(cfg_ada, dm.num_classes, dm.class_names, clf)
+    assert ada.loss_cfg.augment == "ada" and ada.augment.p_value == 0.0  # the default: ada from p = 0
+    ada.load_state_dict(plain.state_dict())  # a checkpoint without p loads; p keeps its configured start
+    assert ada.augment.p_value == 0.0
+    x = next(iter(dm.train_dataloader()))["image"]
+    out = []
+    for module in (plain, ada):
+        torch.manual_seed(1)
+        inputs = module.loss.prepare(x)
+        loss_d, _ = module.loss.discriminator(inputs, (True, True), r1=True)
+        loss_g, _, _ = module.loss.generator(inputs, (True, True))
+        out.append((loss_d.detach(), loss_g.detach(), torch.rand(1)))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)  # same losses, same random-number stream afterwards
+    # and the other way: a checkpoint with p loads into a module without a pipe
+    ada.augment.set_p(0.3)
+    plain.load_state_dict(ada.state_dict())
+
+
+def test_augment_fixed_keeps_p_through_training(tmp_path):
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.augment=fixed", "loss.augment_p=0.2", "loss.ada_interval=1")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    _fit_steps(module, dm, 3, tmp_path)
+    assert module.ada is None and module.augment.p_value == pytest.approx(0.2)
+    assert float(module.state_dict()["augment.p"]) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.augment=sometimes", "loss.augment must be 'ada', 'fixed' or 'none', got 'sometimes'"),
+    ("loss.augment_p=1.5", "loss.augment_p must be in [0, 1]"),
+    ("loss.ada_interval=0", "loss.ada_interval must be >= 1"),
+])
+def test_bad_augment_options_are_refused_before_any_training(tmp_path, override, message):
+    run_dir = tmp_path / "synthetic" / "bad"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(tiny_cfg(run_dir, override))
+    assert not (run_dir / "classifier").exists()

@@ -15,14 +15,16 @@ The search:
 
 Judging it:
 
-- :mod:`stylex.explain.metrics`: sufficiency (flip rate against baselines) and the agreement of
-  two searches;
-- :mod:`stylex.explain.factors`: ground truth on the synthetic data set: the factor probe,
-  recovery and purity.
+- :mod:`stylex.explain.metrics`: sufficiency (flip rate against baselines, with the KID of the
+  edited renders and the agreement with the real inputs beside it) and the agreement of two
+  searches;
+- :mod:`stylex.explain.factors`: ground truth on the synthetic data set: recovery and purity,
+  read with the factor probe of :mod:`stylex.metrics.probe`.
 
 Showing it:
 
-- :mod:`stylex.explain.drawing`: panels, GIFs and the line plot, drawn with PIL;
+- :mod:`stylex.explain.drawing`: panels and GIFs drawn with PIL (the line plot is
+  :mod:`stylex.utils.plot`'s);
 - :mod:`stylex.explain.report`: the report folder (panels, GIFs, plot, JSON) and
   :mod:`stylex.explain.html_page` its self-contained HTML page;
 - :mod:`stylex.explain.loggers`: the explanation sent to Lightning loggers and to W&B.

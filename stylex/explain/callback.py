@@ -142,7 +142,7 @@ class ExplainCallback(pl.Callback):
                             "g_steps": int(getattr(pl_module, "g_steps", trainer.global_step))}
                 report, _ = explain_and_report(
                     finder, flat, out_dir, names, top_k=min(self.top_k, finder.space.dim), flip_k=self.flip_k,
-                    examples=self.examples, image_info=info, settings=settings,
+                    examples=self.examples, image_info=info, inputs=images, settings=settings,
                     title=f"StylEx explanation after {settings['g_steps']} steps",
                 )
         finally:

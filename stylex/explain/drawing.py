@@ -1,6 +1,7 @@
 """The drawing kit of the reports: PIL tiles, labels, panels, GIFs and a line plot.
 
-Everything here draws with PIL alone (no plotting library) and knows nothing about AttFind:
+Everything here draws with PIL alone (no plotting library) and knows nothing about AttFind
+(the line plot and the vertical stack live in :mod:`stylex.utils.plot`, which training uses too):
 images come in as tensors ``[3, R, R]`` in ``[-1, 1]`` and leave as PIL images or files.
 Images are upscaled with nearest-neighbour to at least ``tile`` pixels so that the labels drawn
 with PIL's default font stay legible on 32x32 renders. Files are written atomically.
@@ -15,20 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from stylex.utils.io import atomic_write
-
-CURVE_COLOURS = {"attfind": (214, 39, 40), "random": (120, 120, 120), "variance": (31, 119, 180)}
-_EXTRA_COLOURS = [(44, 160, 44), (148, 103, 189), (255, 127, 14)]
-
-
-def font(size: int = 14) -> ImageFont.ImageFont:
-    """PIL's bundled font (no download); a bitmap fallback on builds without FreeType."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):
-        return ImageFont.load_default()
+from stylex.utils.plot import CURVE_COLOURS, font, line_plot, stack  # noqa: F401 (the kit's public names)
 
 
 def to_pil(
@@ -71,20 +62,6 @@ def title_band(
     for j, line in enumerate(lines):
         draw.text((6, 4 + j * (size + 5)), line, fill=(20, 20, 20), font=f)
     return band
-
-
-def stack(
-    rows: Sequence[Image.Image],
-    gap: int = 0,
-) -> Image.Image:
-    """Images one under the other, left-aligned on white."""
-    width = max(r.width for r in rows)
-    out = Image.new("RGB", (width, sum(r.height for r in rows) + gap * (len(rows) - 1)), (255, 255, 255))
-    y = 0
-    for r in rows:
-        out.paste(r, (0, y))
-        y += r.height + gap
-    return out
 
 
 def row(
@@ -154,59 +131,6 @@ def save_gif(
 
 def save_png(path: Path, image: Image.Image) -> None:
     atomic_write(path, lambda p: image.save(p, format="PNG"))
-
-
-def line_plot(
-    xs: Sequence[float],
-    curves: dict[str, Sequence[float]],  # legend name -> y per x
-    title: str = "",
-    xlabel: str = "",
-    ylabel: str = "",
-    ylim: tuple[float, float] = (0.0, 1.0),
-    size: tuple[int, int] = (640, 420),
-) -> Image.Image:
-    """A small line chart drawn with PIL (no plotting library needed)."""
-    w, h = size
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    f, small = font(15), font(12)
-    left, right, top, bottom = 62, 150, 34, 52
-    x0, x1, y0, y1 = left, w - right, h - bottom, top  # pixel frame of the axes
-
-    lo_x, hi_x = (min(xs), max(xs)) if len(xs) > 1 else (xs[0] - 1, xs[0] + 1)
-    lo_y, hi_y = ylim
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (x0 + (x - lo_x) / (hi_x - lo_x) * (x1 - x0),
-                y0 - (min(max(y, lo_y), hi_y) - lo_y) / (hi_y - lo_y) * (y0 - y1))
-
-    for t in range(6):  # horizontal grid and y ticks
-        yv = lo_y + t * (hi_y - lo_y) / 5
-        _, yp = px(lo_x, yv)
-        draw.line((x0, yp, x1, yp), fill=(225, 225, 225))
-        draw.text((x0 - 8, yp), f"{yv:.1f}", fill=(60, 60, 60), font=small, anchor="rm")
-    for xv in xs:
-        xp, _ = px(xv, lo_y)
-        draw.line((xp, y0, xp, y0 + 4), fill=(60, 60, 60))
-        draw.text((xp, y0 + 7), f"{xv:g}", fill=(60, 60, 60), font=small, anchor="mt")
-    draw.rectangle((x0, y1, x1, y0), outline=(60, 60, 60))
-    extra = iter(_EXTRA_COLOURS)
-    for j, (name, ys) in enumerate(curves.items()):
-        colour = CURVE_COLOURS.get(name) or next(extra, (0, 0, 0))
-        pts = [px(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=3)
-        for x, y in pts:
-            draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
-        ly = top + 10 + j * 22  # legend
-        draw.line((x1 + 12, ly, x1 + 36, ly), fill=colour, width=3)
-        draw.text((x1 + 42, ly), name, fill=(20, 20, 20), font=small, anchor="lm")
-    draw.text(((x0 + x1) / 2, 8), title, fill=(20, 20, 20), font=f, anchor="mt")
-    draw.text(((x0 + x1) / 2, h - 8), xlabel, fill=(20, 20, 20), font=small, anchor="mb")
-    ylabel_img = Image.new("RGB", (y0 - y1, 18), (255, 255, 255))
-    ImageDraw.Draw(ylabel_img).text(((y0 - y1) / 2, 9), ylabel, fill=(20, 20, 20), font=small, anchor="mm")
-    img.paste(ylabel_img.rotate(90, expand=True), (4, y1))
-    return img
 
 
 def data_uri(path: Path) -> str:

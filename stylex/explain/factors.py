@@ -1,11 +1,12 @@
 """Ground truth on the synthetic data set: which generative factor does each attribute change?
 
 The synthetic fundus scenes (:mod:`stylex.data.synthetic`) are rendered from known factors, and
-their label depends on some of them (the *causal* factors). A small CNN, the *factor probe*, is
-trained on synthetic scenes to read the factors back from an image. An attribute's effect on a
-factor is the mean change of the probe's reading between original and edited renders, in units
-of the factor's standard deviation over the data; its *main factor* is the factor it moves most
-(None when no readable factor moves by ``min_effect``). Over a top-K list:
+their label depends on some of them (the *causal* factors). A small CNN, the *factor probe*
+(:mod:`stylex.metrics.probe`), is trained on synthetic scenes to read the factors back from an
+image. An attribute's effect on a factor is the mean change of the probe's reading between
+original and edited renders, in units of the factor's standard deviation over the data; its
+*main factor* is the factor it moves most (None when no readable factor moves by
+``min_effect``). Over a top-K list:
 
 - recovery = share of the causal factors that are the main factor of some attribute;
 - purity = share of the attributes whose main factor is causal.
@@ -13,120 +14,17 @@ of the factor's standard deviation over the data; its *main factor* is the facto
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from stylex.explain.evaluator import EffectEvaluator
 from stylex.explain.measures import apply_edits
 from stylex.explain.result import AttFindResult
-
-# Factors a probe can read from pixels; the integer seeds only reshuffle shapes and are left out.
-PROBE_FACTORS = ["exudates", "haemorrhages", "brightness", "hue", "disc_x", "disc_y", "vessel_angle", "fundus_radius"]
-
-
-# ============================================================================ the factor probe
-class FactorProbe(nn.Module):
-    """Reads generative factors back from images: ``[B, 3, R, R] in [-1, 1] -> [B, F]`` in factor
-    units (the network predicts standardised values; ``mean``/``std`` undo that)."""
-
-    def __init__(
-        self,
-        factor_names: Sequence[str] = PROBE_FACTORS,
-        width: int = 32,
-    ) -> None:
-        super().__init__()
-        self.factor_names = list(factor_names)
-        f = len(self.factor_names)
-        w = width
-        self.net = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-        )
-        # Position factors (disc_x, disc_y) need to know *where* things are: keep a coarse map
-        # instead of averaging space away.
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(4 * w * 16, 128),
-                                  nn.LeakyReLU(0.2), nn.Linear(128, f))
-        self.register_buffer("mean", torch.zeros(f))
-        self.register_buffer("std", torch.ones(f))
-        self.r2: dict[str, float] = {}
-
-    def forward(
-        self,
-        images: torch.Tensor,  # [B, 3, R, R] in [-1, 1]
-    ) -> torch.Tensor:  # [B, F] standardised factors
-        return self.head(self.net(images))
-
-    @torch.no_grad()
-    def read(
-        self,
-        images: torch.Tensor,  # [B, 3, R, R] in [-1, 1]
-    ) -> torch.Tensor:  # [B, F] in factor units
-        out = [self(images[i : i + 256].float()) for i in range(0, images.shape[0], 256)]
-        return torch.cat(out) * self.std + self.mean
-
-    def readable(self, min_r2: float) -> list[str]:
-        """Factors the probe reads with held-out R^2 >= ``min_r2``."""
-        return [name for name in self.factor_names if self.r2.get(name, -math.inf) >= min_r2]
-
-
-def _synthetic_arrays(num: int, seed: int, split: str, resolution: int, names: Sequence[str]):
-    from stylex.data.synthetic import FACTOR_NAMES, generate_split
-
-    data = generate_split(num, seed, split, resolution)
-    images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    cols = [FACTOR_NAMES.index(n) for n in names]
-    return images, torch.from_numpy(data["factors"][:, cols]).float()
-
-
-def train_factor_probe(
-    resolution: int,
-    num_train: int = 2048,
-    num_val: int = 256,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-    factor_names: Sequence[str] = PROBE_FACTORS,
-    device: str | torch.device = "cpu",
-    data_seed: int = 12345,  # scenes independent of any training run's default seed
-) -> FactorProbe:
-    """Train a probe on freshly rendered synthetic scenes; its ``r2`` holds the held-out R^2 of
-    every factor."""
-    torch.manual_seed(seed)
-    x, y = _synthetic_arrays(num_train, data_seed, "train", resolution, factor_names)
-    xv, yv = _synthetic_arrays(num_val, data_seed, "val", resolution, factor_names)
-    probe = FactorProbe(factor_names).to(device)
-    probe.mean.copy_(y.mean(0))
-    probe.std.copy_(y.std(0).clamp_min(1e-6))
-    yz = (y - y.mean(0)) / probe.std.cpu()
-    opt = torch.optim.Adam(probe.parameters(), lr=lr)
-    steps = epochs * math.ceil(num_train / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    probe.train()
-    for _ in range(epochs):
-        order = torch.randperm(num_train, generator=gen)
-        for i in range(0, num_train, batch_size):
-            idx = order[i : i + batch_size]
-            loss = F.mse_loss(probe(x[idx].to(device)), yz[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    probe.eval().requires_grad_(False)
-    pred = probe.read(xv.to(device)).cpu()
-    var = yv.var(0, correction=0).clamp_min(1e-12)
-    r2 = 1 - (pred - yv).square().mean(0) / var
-    probe.r2 = {name: float(v) for name, v in zip(factor_names, r2)}
-    return probe
+# The probe lives with the metrics (the generator's causal-factor fidelity reads images with it
+# too); its names stay importable from here.
+from stylex.metrics.probe import PROBE_FACTORS, FactorProbe, train_factor_probe  # noqa: F401
 
 
 # ============================================================================ attributes -> factors

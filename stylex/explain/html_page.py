@@ -2,7 +2,8 @@
 
 :func:`render_html` turns the content of ``explanation.json`` (see :mod:`stylex.explain.report`)
 into the page: the settings, per class the ranked attributes with their panels and GIFs, the
-flip-rate table and plot, the ground truth when measured, and the per-image results.
+flip-rate table and plot with the realism (KID) and agreement figures beside them, the ground
+truth when measured, and the per-image results.
 """
 
 from __future__ import annotations
@@ -31,6 +32,29 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+_NOT_CURVES = ("k", "num_images", "seconds", "realism", "agreement", "notes")  # flip_rate keys besides the curves
+
+
+def _manifold(fr: dict[str, Any]) -> str:
+    """The realism of the edited renders and the agreement of the unedited ones, beside the flip rate."""
+    esc = html.escape
+    out = ["<p><b>Is a flip an explanation?</b> A flip won by leaving the data manifold shows here as a "
+           "higher KID of the edited renders (against real images) than of the unedited ones.</p>"]
+    r = fr.get("realism")
+    if r:
+        out.append(_table(
+            [f"renders of {r['num_images']} images vs {r['num_real']} real", "KID", "± std"],
+            [["unedited", r["kid_unedited"], r["kid_unedited_std"]],
+             [f"top-{r['k']} attributes applied", r["kid_edited"], r["kid_edited_std"]]]))
+        out.append(f"<p class='muted'>KID in {esc(r['feature'])} features (the classifier being explained), "
+                   f"mean and standard deviation over subsets of {r['kid_subset_size']} images.</p>")
+    if fr.get("agreement") is not None:
+        out.append(f"<p>Agreement: the classifier gives {fr['agreement']:.0%} of the unedited renders the class "
+                   "it gives their real input (flips are counted against the renders' own predictions).</p>")
+    out += [f"<p class='muted'>note: {esc(n)}</p>" for n in fr.get("notes") or []]
+    return "".join(out)
 
 
 def render_html(
@@ -68,8 +92,12 @@ def render_html(
     if data.get("flip_rate"):
         fr = data["flip_rate"]
         parts.append("<h2>Sufficiency: flip rate against k</h2>")
-        names = [k for k in fr if k not in ("k", "num_images", "seconds")]
+        names = [k for k in fr if k not in _NOT_CURVES]
+        parts.append("<div style='display:flex;gap:28px;align-items:flex-start;flex-wrap:wrap'><div>")
         parts.append(_table(["k", *names], [[k, *[fr[nm][j] for nm in names]] for j, k in enumerate(fr["k"])]))
+        parts.append("</div><div style='max-width:560px'>")
+        parts.append(_manifold(fr))
+        parts.append("</div></div>")
         if data["files"].get("plot"):
             parts.append(f"<img alt='flip rate' src='{data_uri(root / data['files']['plot'])}'>")
 

@@ -9,6 +9,15 @@ Sufficiency / flip rate
     ``variance`` over the image set. A baseline coordinate is moved toward whichever extreme is
     farther from the image's value (a choice that needs no classifier either).
 
+Beside the flip rate (a flip won by leaving the data manifold is no explanation)
+    - realism: KID (:mod:`stylex.metrics.realism`, the classifier's features) against real
+      images of the renders with AttFind's top-k attributes applied (k = the curve's largest),
+      next to the KID of the unedited renders of the same images. Edits that push renders off
+      the data manifold show as a higher edited KID;
+    - agreement: the share of unedited renders whose predicted class equals the prediction on
+      the real input they were encoded from (only where real inputs exist; generated sources
+      have none, which the figures say).
+
 Agreement
     How well one search (e.g. a pre-screened one) reproduces another (the exhaustive search of
     the same images): overlap of the top-k lists and equality of the first attribute, for the
@@ -21,7 +30,7 @@ Ground truth on the synthetic data set (recovery / purity) is in
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -30,8 +39,10 @@ import torch
 from stylex.explain.evaluator import EffectEvaluator
 from stylex.explain.measures import apply_edits, farther_direction
 from stylex.explain.result import AttFindResult
+from stylex.metrics.realism import ClassifierFeatures, kid_against
 
 BASELINES = ("random", "variance")
+MIN_KID_IMAGES = 8  # images per side below which a KID is not worth reporting
 
 
 # ============================================================================ rankings to compare
@@ -105,16 +116,75 @@ def flip_rates(
 
 @dataclass
 class Sufficiency:
-    """Flip-rate curves of AttFind and the baselines over the same images."""
+    """Flip-rate curves of AttFind and the baselines over the same images, with the realism of
+    the edited renders and the agreement of the unedited ones beside them."""
 
     ks: list[int]
     curves: dict[str, list[float]]  # "attfind" | "random" | "variance" -> flip rate per k
     num_images: int
     seconds: float = 0.0
+    # {"feature", "k", "num_real", "num_images", "kid_unedited", "kid_unedited_std", "kid_edited",
+    #  "kid_edited_std", "kid_subset_size"}; None when not measured (see notes)
+    realism: dict[str, Any] | None = None
+    agreement: float | None = None  # share of unedited renders predicted as their real input
+    notes: list[str] = field(default_factory=list)  # why a figure is missing
 
     def to_dict(self) -> dict[str, Any]:
         return {"k": list(self.ks), **{name: list(v) for name, v in self.curves.items()},
-                "num_images": self.num_images, "seconds": self.seconds}
+                "num_images": self.num_images, "seconds": self.seconds, "realism": self.realism,
+                "agreement": self.agreement, "notes": list(self.notes)}
+
+
+@torch.no_grad()
+def _render(evaluator: EffectEvaluator, flat: torch.Tensor) -> torch.Tensor:  # [N, 3, R, R] on the CPU
+    """Renders as the classifier sees them in the flip rate (not clamped: out-of-range pixels
+    are part of what an edit does)."""
+    b = evaluator.batch_size
+    out = [evaluator.space.render(flat[i : i + b].to(evaluator.device), noise_mode=evaluator.noise_mode).float().cpu()
+           for i in range(0, flat.shape[0], b)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def manifold_figures(
+    evaluator: EffectEvaluator,
+    flat: torch.Tensor,  # [N, S] styles of the measured images
+    edited: torch.Tensor,  # [N, S] the same with the top-k attributes applied
+    base_pred: torch.Tensor,  # [N] predicted class of the unedited renders
+    k: int,  # attributes applied
+    inputs: torch.Tensor | None = None,  # [N, 3, R, R] the real inputs of these images (None: generated)
+    real_images: torch.Tensor | None = None,  # [M, 3, R, R] KID's real set (None: `inputs`)
+    seed: int = 0,
+) -> tuple[dict[str, Any] | None, float | None, list[str]]:  # realism, agreement, notes
+    """KID of the unedited and the edited renders against real images, and the agreement of the
+    unedited renders with their real inputs (see the module docstring)."""
+    notes: list[str] = []
+    agreement = None
+    if inputs is None:
+        notes.append("no real inputs given (generated samples have none): agreement not measured")
+    elif inputs.shape[0] != flat.shape[0]:
+        raise ValueError(f"{inputs.shape[0]} real inputs for {flat.shape[0]} images")
+    elif flat.shape[0]:
+        preds = torch.cat([evaluator.classify(inputs[i : i + 256].to(evaluator.device)).argmax(1).cpu()
+                           for i in range(0, inputs.shape[0], 256)])
+        agreement = float((preds == base_pred.cpu()).double().mean())
+    real = real_images if real_images is not None else inputs
+    if real is None:
+        notes.append("no real images given to compare the renders with: KID not measured")
+        return None, agreement, notes
+    if min(real.shape[0], flat.shape[0]) < MIN_KID_IMAGES:
+        notes.append(f"KID needs at least {MIN_KID_IMAGES} real and {MIN_KID_IMAGES} explained images "
+                     f"(have {real.shape[0]} and {flat.shape[0]}): not measured")
+        return None, agreement, notes
+    resolution = int(getattr(evaluator.generator, "resolution", real.shape[-1]))
+    features = ClassifierFeatures(evaluator.classifier, resolution)
+    kid = kid_against(features, real.to(evaluator.device),
+                      {"unedited": _render(evaluator, flat), "edited": _render(evaluator, edited)}, seed=seed)
+    realism = {"feature": features.name, "k": int(k), "num_real": int(real.shape[0]), "num_images": int(flat.shape[0]),
+               "kid_unedited": kid["unedited"]["kid"], "kid_unedited_std": kid["unedited"]["kid_std"],
+               "kid_edited": kid["edited"]["kid"], "kid_edited_std": kid["edited"]["kid_std"],
+               "kid_subset_size": kid["edited"]["kid_subset_size"]}
+    return realism, agreement, notes
 
 
 def sufficiency(
@@ -123,8 +193,12 @@ def sufficiency(
     ks: Iterable[int] = range(1, 11),
     seed: int = 0,
     stable_only: bool = True,  # measure on the images AttFind kept
+    inputs: torch.Tensor | None = None,  # [N, 3, R, R] real images the result's styles encode (None: generated)
+    real_images: torch.Tensor | None = None,  # [M, 3, R, R] KID's real set (None: `inputs`)
+    realism: bool = True,  # measure KID and agreement beside the flip rates
 ) -> Sufficiency:
-    """Flip rate against k for AttFind's image rankings, random coordinates and style variance."""
+    """Flip rate against k for AttFind's image rankings, random coordinates and style variance,
+    with the KID of the top-k edited and of the unedited renders and the agreement beside it."""
     t0 = time.perf_counter()
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
@@ -142,7 +216,15 @@ def sufficiency(
         "variance": variance_rankings(flat, targets, kmax, std),
     }
     curves = {name: flip_rates(evaluator, flat, targets, c, d, ks, base_pred) for name, (c, d) in rankings.items()}
-    return Sufficiency(ks=ks, curves=curves, num_images=int(keep.numel()), seconds=time.perf_counter() - t0)
+    out = Sufficiency(ks=ks, curves=curves, num_images=int(keep.numel()))
+    if realism:
+        c, d = rankings["attfind"]
+        edited = apply_edits(flat, targets, c[:, :kmax].clone(), d[:, :kmax])
+        out.realism, out.agreement, out.notes = manifold_figures(
+            evaluator, flat, edited, base_pred, kmax, inputs=inputs[keep] if inputs is not None else None,
+            real_images=real_images, seed=seed)
+    out.seconds = time.perf_counter() - t0
+    return out
 
 
 def summarize_curve(values: Sequence[float]) -> float:

@@ -1,11 +1,14 @@
 """The whole explanation: search, metrics and report, for a model in memory or a trained run.
 
-- :func:`explain_and_report`: AttFind on given styles, the flip-rate curves, optionally the
-  ground truth, and the report folder (the callback and :func:`explain_run` both call it);
+- :func:`explain_and_report`: AttFind on given styles, the flip-rate curves with the realism
+  of the edited renders (KID against real images) and the agreement of the unedited ones beside
+  them, optionally the ground truth, and the report folder (the callback and
+  :func:`explain_run` both call it);
 - :func:`explain_run`: everything ``explain.py`` does once its options are parsed, taking them
   as an :class:`ExplainRequest`: find and load the export, choose the images (given files, the
   validation split or generated samples), choose between the exhaustive and the pre-screened
-  search, train the factor probe when asked, explain and report, log to W&B when the run did,
+  search, load (or train and cache) the factor probe when asked, explain and report, log to W&B
+  when the run did,
   and give the summary lines to a callback.
 
 :class:`ExplainRequest` mirrors the options of ``explain.py`` and holds their defaults (the
@@ -24,12 +27,13 @@ import torch
 
 from stylex.errors import UsageError
 from stylex.explain.attfind import AttFind, AttFindConfig
-from stylex.explain.factors import FactorProbe, ground_truth, train_factor_probe
+from stylex.explain.factors import FactorProbe, ground_truth
 from stylex.explain.inputs import load_image_files, resolve_export, run_config, validation_images
 from stylex.explain.loggers import log_to_wandb, wandb_settings
 from stylex.explain.metrics import sufficiency
 from stylex.explain.report import Report, write_report
 from stylex.explain.result import AttFindResult
+from stylex.metrics.probe import cached_factor_probe
 
 IMAGE_PANELS = 4  # images of a data set sample that get a panel of their own (every given image does)
 AUTO_PRESCREEN = 32  # candidate edits per class when "auto" finds the exhaustive search too slow
@@ -49,7 +53,8 @@ def explain_and_report(
     flip_k: int = 10,  # flip-rate curve for k = 1..flip_k (0 = none)
     examples: int = 4,
     image_info: Sequence[dict[str, Any]] | None = None,
-    inputs: torch.Tensor | None = None,
+    inputs: torch.Tensor | None = None,  # [N, 3, R, R] the real images `flat` encodes (None: generated)
+    real_images: torch.Tensor | None = None,  # [M, 3, R, R] real set of the KID figures (None: `inputs`)
     image_panels: Sequence[int] = (),
     settings: dict[str, Any] | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
@@ -57,15 +62,16 @@ def explain_and_report(
     progress: Say | None = None,  # progress messages
     title: str = "StylEx explanation",
 ) -> tuple[Report, AttFindResult]:
-    """AttFind on ``flat``, the flip-rate curves, optionally the ground truth, and the report."""
+    """AttFind on ``flat``, the flip-rate curves (with KID and agreement beside them), optionally
+    the ground truth, and the report."""
     say = progress or (lambda msg: None)
     result = finder.run(flat, top_k=top_k, classes=classes, reference=reference,
                         trainer_kwargs=trainer_kwargs, progress=say)
     say(f"AttFind: {result.seconds:.1f} s for {result.num_images} images ({result.mode})")
     suff = None
     if flip_k > 0:
-        suff = sufficiency(result, finder.evaluator, ks=range(1, flip_k + 1))
-        say(f"flip rates: {suff.seconds:.1f} s")
+        suff = sufficiency(result, finder.evaluator, ks=range(1, flip_k + 1), inputs=inputs, real_images=real_images)
+        say(f"flip rates, KID and agreement: {suff.seconds:.1f} s")
     gt = ground_truth(result, finder.evaluator, ground_truth_probe) if ground_truth_probe is not None else None
     report = write_report(out_dir, result, finder.evaluator, class_names, examples=examples, sufficiency=suff,
                           ground_truth=gt, image_info=image_info, inputs=inputs, image_panels=image_panels,
@@ -149,6 +155,8 @@ def explain_run(
         fr = report.data["flip_rate"]
         show("flip rate at k=" + str(fr["k"][-1]) + ": " +
              ", ".join(f"{m} {fr[m][-1]:.2f}" for m in ("attfind", "random", "variance")))
+        for line in manifold_lines(fr):
+            show(line)
     for w in result.warnings:
         say(f"note: {w}")
     return report, result
@@ -182,7 +190,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         shift_size=req.shift_size, measure=req.measure, batch_size=req.batch_size))
 
     # ---- the images
-    inputs, reference, info = None, None, None
+    inputs, reference, info, real_images = None, None, None, None
     panels: Sequence[int] = ()
     source = req.source
     if source == "auto":
@@ -196,6 +204,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         if source == "val":
             ref_images, _ = validation_images(config, req.num_images, resolution)
             reference = finder.encode(exp.encoder, ref_images)
+            real_images = ref_images  # more real images for KID than the few given ones
         else:
             reference = finder.sample(req.num_images, seed=req.seed)
     elif source == "val":
@@ -206,6 +215,11 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         flat = finder.sample(req.num_images, seed=req.seed)
         info = [{"source": f"generated:{i}"} for i in range(flat.shape[0])]
         panels = range(min(IMAGE_PANELS, flat.shape[0]))
+        if req.flip_k > 0 and "_target_" in (config.get("dataset") or {}):
+            try:  # real images for KID beside the flip rate; without them the report says so
+                real_images, _ = validation_images(config, req.num_images, resolution)
+            except UsageError as e:
+                say(f"note: no real images for the KID figures ({e})")
 
     finder.config = AttFindConfig(shift_size=req.shift_size, measure=req.measure, batch_size=req.batch_size,
                                   prescreen=choose_prescreen(req, finder, flat.shape[0], say))
@@ -215,8 +229,10 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         target = str((config.get("dataset") or {}).get("_target_", ""))
         if not target.endswith("SyntheticDataModule"):
             raise UsageError("--ground-truth needs a run on the synthetic dataset (its factors are the truth)")
-        say("training the factor probe on synthetic scenes")
-        probe = train_factor_probe(resolution, device=finder.device)
+        say("factor probe: from the cache, or trained on synthetic scenes and cached")
+        scale = float((config.get("dataset") or {}).get("lesion_scale", 1.0))  # lesions of the run's size
+        probe = cached_factor_probe(resolution, device=finder.device,
+                                    **({"lesion_scale": scale} if scale != 1.0 else {}))
 
     out_dir = req.out or ((run_dir or export_dir.parent) / "explain")
     settings = {"run": str(run_dir or export_dir), "source": "images" if req.images else source,
@@ -224,7 +240,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
                 "measure": req.measure, "prescreen": finder.config.prescreen, "device": str(finder.device)}
     report, result = explain_and_report(
         finder, flat, out_dir, names, top_k=req.top_k, classes=classes, reference=reference,
-        flip_k=req.flip_k, examples=req.examples, image_info=info, inputs=inputs,
+        flip_k=req.flip_k, examples=req.examples, image_info=info, inputs=inputs, real_images=real_images,
         image_panels=panels, settings=settings, trainer_kwargs=trainer_kwargs, ground_truth_probe=probe,
         progress=say, title=f"StylEx explanation of {(run_dir or export_dir).name}",
     )
@@ -234,6 +250,22 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
             say("logging to W&B")
             log_to_wandb(lcfg, run_dir, report)
     return report, result, names
+
+
+def manifold_lines(
+    flip_rate: dict[str, Any],  # explanation.json's "flip_rate"
+) -> list[str]:
+    """The realism and agreement figures beside the flip rate, as lines for a terminal."""
+    lines = []
+    r = flip_rate.get("realism")
+    if r:
+        lines.append(f"KID against {r['num_real']} real images ({r['feature']} features, {r['num_images']} images): "
+                     f"unedited {r['kid_unedited']:.4f} ± {r['kid_unedited_std']:.4f}, top-{r['k']} edited "
+                     f"{r['kid_edited']:.4f} ± {r['kid_edited_std']:.4f}")
+    if flip_rate.get("agreement") is not None:
+        lines.append(f"agreement of the unedited renders with their real inputs: {flip_rate['agreement']:.2f}")
+    lines += [f"note: {n}" for n in flip_rate.get("notes") or []]
+    return lines
 
 
 # ============================================================================ choices

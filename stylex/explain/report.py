@@ -2,7 +2,9 @@
 
 Layout of a report folder::
 
-    explanation.json          ranked attributes per class, per-image results, metrics
+    explanation.json          ranked attributes per class, per-image results, metrics (the flip
+                              rate with, beside it, the KID of edited / unedited renders and the
+                              agreement with the real inputs)
     report.html               everything below embedded as data URIs (one self-contained file)
     panels/<class>_<rank>.png example pairs (original | modified), class probability on each
     gifs/<class>_<rank>.gif   the same examples toggling between original and modified

@@ -167,8 +167,10 @@ class Throughput(pl.Callback):
 class Summary(pl.Callback):
     """At the end of fit, writes ``<run>/summary.json``: what the run records with the model (the
     module's ``info``), counters, wall time, throughput (from :class:`Throughput`'s logged
-    figure), the last validation figures and the encoder fit's before / after figures (from the
-    run's :class:`EncoderFit`, when it has one)."""
+    figure), the last validation figures, the encoder fit's before / after figures (from the
+    run's :class:`EncoderFit`, when it has one) and the last generator-quality figures with
+    their feature space (``val/fid``, ... and ``quality``, from the run's
+    :class:`~stylex.training.quality.GeneratorQuality`)."""
 
     def __init__(self, path: str = "summary.json"):
         self.path = Path(path)
@@ -192,6 +194,14 @@ class Summary(pl.Callback):
         fits = [cb.result for cb in trainer.callbacks if isinstance(cb, EncoderFit) and cb.result]
         if fits:
             summary["encoder_fit"] = fits[0]
+        # The last generator-quality figures: its final measurement runs after self.log closes,
+        # so they come from the callback itself, with the feature space they were measured in.
+        from stylex.training.quality import GeneratorQuality
+
+        quality = [cb.last for cb in trainer.callbacks if isinstance(cb, GeneratorQuality) and cb.last]
+        if quality:
+            summary.update(quality[0]["metrics"])
+            summary["quality"] = {k: v for k, v in quality[0].items() if k != "metrics"}
         atomic_write_json(in_run(trainer, self.path), summary)
 
 

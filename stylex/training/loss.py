@@ -15,6 +15,12 @@ G reg       lazy path-length penalty, every ``pl_interval`` G steps (f32)       
 E fit       after training: E alone against the frozen EMA generator              E
 ==========  ====================================================================  ===========
 
+Every image D sees goes through the augmentation pipe first (``augment``, see
+:mod:`stylex.training.augment`): reals and fakes of both paths, in D main, in R1 (whose
+gradient is taken at the un-augmented reals, through the pipe) and in the generator's
+adversarial terms. The classifier, and so the KL terms, and the reconstruction terms see the
+un-augmented images; the E fit never augments.
+
 Each phase returns ``(loss, logs)``; :class:`~stylex.training.module.StylexModule` owns the
 optimisers, the counters that decide when a lazy phase is due, and the logging.
 
@@ -38,6 +44,7 @@ from stylex.training.perceptual import ClassifierFeatures, feature_distance, res
 BATCH_MODES = ("both", "alternate")
 D_FAKES = ("both", "encoder", "noise")
 ENCODER_LOSSES = ("reconstruction", "all")
+AUGMENTS = ("ada", "fixed", "none")
 
 
 @dataclass
@@ -59,6 +66,11 @@ class LossConfig:
     batch_mode: str = "both"  # both | alternate: encoder and noise paths every step, or in turns
     d_fakes: str = "both"  # which fakes the discriminator sees: both | encoder | noise
     encoder_losses: str = "reconstruction"  # what trains E: reconstruction (pixel, perceptual, latent) | all
+    augment: str = "ada"  # ada | fixed | none: augment what D sees, p adapted to D's overfitting, constant, or off
+    augment_p: float = 0.0  # augmentation probability: the starting p of ada, the constant p of fixed
+    ada_target: float = 0.6  # ada: the target of r_t = E[sign(D(real))]; p rises while r_t is above it
+    ada_interval: int = 4  # ada: discriminator steps between updates of p
+    ada_kimg: float = 10.0  # ada: kimg for p to go 0 -> 1 (paper: 500 for millions; runs here see 10-60k: 0.1 per 1k)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -71,6 +83,15 @@ class LossConfig:
             raise ValueError(f"loss.d_fakes must be 'both', 'encoder' or 'noise', got {self.d_fakes!r}")
         if self.encoder_losses not in ENCODER_LOSSES:
             raise ValueError(f"loss.encoder_losses must be 'reconstruction' or 'all', got {self.encoder_losses!r}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"loss.augment must be 'ada', 'fixed' or 'none', got {self.augment!r}")
+        if not 0.0 <= self.augment_p <= 1.0:
+            raise ValueError(f"loss.augment_p must be in [0, 1] (a probability), got {self.augment_p!r}")
+        if not -1.0 <= self.ada_target <= 1.0:
+            raise ValueError(f"loss.ada_target must be in [-1, 1] (the range of r_t), got {self.ada_target!r}")
+        if self.ada_interval < 1 or not self.ada_kimg > 0:
+            raise ValueError(f"loss.ada_interval must be >= 1 and loss.ada_kimg > 0, "
+                             f"got {self.ada_interval!r} and {self.ada_kimg!r}")
         resolve_backend(self.perceptual_backend)  # names the option when the backend is unknown
 
     @classmethod
@@ -116,13 +137,21 @@ class StylexLoss:
         G_ema: nn.Module,  # its moving average (the encoder fit's target)
         C: ClassifierFeatures,  # the frozen classifier, with its intermediate features
         lpips: nn.Module | None = None,  # the LPIPS distance, when that is the perceptual backend
+        augment: nn.Module | None = None,  # AugmentPipe applied to every image D sees; None = no augmentation
     ) -> None:
         self.cfg = config
         self.G, self.D, self.E, self.G_ema, self.C = G, D, E, G_ema, C
         self.perceptual_backend = resolve_backend(config.perceptual_backend) if config.perceptual > 0 else "none"
         self.lpips = lpips
+        self.augment = augment
+        # D's raw logits on the (augmented) reals of the last D phase: the ADA controller's input.
+        self.last_real_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ shared pieces
+    def _discriminate(self, img: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """D's logits on ``img`` after the augmentation pipe (differentiable in ``img``)."""
+        return self.D(img if self.augment is None else self.augment(img), c)
+
     def _classify(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if features and self.perceptual_backend == "classifier":
             return self.C(x)
@@ -178,15 +207,17 @@ class StylexLoss:
                 z = torch.randn(x.shape[0], self.G.z_dim, device=x.device)
                 fakes.append(self.G(z, inputs.c_noise))
                 conds.append(inputs.c_noise)
-        fake_logits = torch.cat([self.D(f, c) for f, c in zip(fakes, conds)])
+        fake_logits = torch.cat([self._discriminate(f, c) for f, c in zip(fakes, conds)])
         logs: Logs = {}
         if r1:
             with self._float32(x.device):
+                # The leaf is the un-augmented image: the penalty's gradient runs back through the pipe.
                 x_r1 = x.detach().float().requires_grad_(True)
-                real_logits = self.D(x_r1, inputs.c_real)
+                real_logits = self._discriminate(x_r1, inputs.c_real)
                 penalty = losses.r1_penalty(x_r1, real_logits)
         else:
-            real_logits = self.D(x, inputs.c_real)
+            real_logits = self._discriminate(x, inputs.c_real)
+        self.last_real_logits = real_logits.detach()
         loss = losses.d_logistic_loss(real_logits, fake_logits)
         logs["train/loss_d"] = loss.detach()
         logs["train/d_real"] = real_logits.detach().mean()
@@ -223,7 +254,7 @@ class StylexLoss:
             perc = self._perceptual(x_rec, x, feats_rec, inputs.feats_real) if cfg.perceptual > 0 else x.new_zeros(())
             lat = losses.l1(self.E(x_rec).float(), w_in.float())
             kl_rec = losses.classifier_kl(inputs.c_real, logits_rec)
-            adv_rec = losses.g_nonsaturating_loss(self.D(x_rec, inputs.c_real))
+            adv_rec = losses.g_nonsaturating_loss(self._discriminate(x_rec, inputs.c_real))
             reconstruction = cfg.rec_l1 * rec_l1 + cfg.perceptual * perc + cfg.latent_l1 * lat
             loss = loss + reconstruction + cfg.kl_rec * kl_rec + cfg.adv * adv_rec
             if split:
@@ -237,7 +268,7 @@ class StylexLoss:
             x_gen = self.G(z, inputs.c_noise)
             logits_gen, _ = self._classify(x_gen, features=False)
             kl_gen = losses.classifier_kl(inputs.c_noise, logits_gen)
-            adv_gen = losses.g_nonsaturating_loss(self.D(x_gen, inputs.c_noise))
+            adv_gen = losses.g_nonsaturating_loss(self._discriminate(x_gen, inputs.c_noise))
             loss = loss + cfg.kl_gen * kl_gen + cfg.adv * adv_gen
             logs.update({"train/kl_gen": kl_gen.detach(), "train/adv_gen": adv_gen.detach()})
         return loss, surrogate, logs

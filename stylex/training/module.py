@@ -3,10 +3,15 @@
 One training step (manual optimisation, three optimisers) runs the phases of
 :class:`~stylex.training.loss.StylexLoss`:
 
-1. discriminator: D main, plus D reg (lazy R1) every ``r1_interval`` discriminator steps;
+1. discriminator: D main, plus D reg (lazy R1) every ``r1_interval`` discriminator steps; every
+   image D sees goes through the augmentation pipe (``self.augment``, ``loss.augment``), and
+   with ``loss.augment=ada`` the ADA controller then adapts its p (logged as ``train/ada_p``,
+   and ``train/rt`` at each update of p);
 2. generator and encoder, from one backward pass: G main (encoder and noise paths, see
    ``batch_mode``), plus G reg (lazy path length) every ``pl_interval`` generator steps;
 3. the EMA generator (a frozen submodule, used for samples, validation and export) follows.
+
+The EMA generator, validation, the samples, the encoder fit and the export never augment.
 
 This class owns only the optimisers, the counters that lazy regularisation needs (Lightning's
 ``global_step`` counts every optimiser step, so it cannot tell generator steps from
@@ -25,6 +30,8 @@ import torch.nn as nn
 
 from stylex.networks import Discriminator, Encoder, Generator
 from stylex.training import losses
+from stylex.training.ada import AdaController
+from stylex.training.augment import AugmentPipe
 from stylex.training.ema import ema_beta, make_ema, update_ema
 from stylex.training.loss import LossConfig, StylexLoss
 from stylex.training.perceptual import ClassifierFeatures, LPIPSDistance
@@ -44,6 +51,14 @@ class NonFiniteGradientError(FloatingPointError):
 
 def _forget_host_counts(module: "StylexModule", incompatible_keys) -> None:
     module._host_counts = None
+
+
+def _tolerate_augment_state(module: "StylexModule", incompatible_keys) -> None:
+    """A checkpoint saved with another ``loss.augment`` (or before ADA existed) still loads: a
+    missing p keeps the configured ``augment_p``, a p the module has no pipe for is ignored."""
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        while "augment.p" in keys:
+            keys.remove("augment.p")
 
 
 class StylexModule(pl.LightningModule):
@@ -91,7 +106,13 @@ class StylexModule(pl.LightningModule):
         self.C = ClassifierFeatures(classifier)
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
-        self.loss = StylexLoss(self.loss_cfg, self.G, self.D, self.E, self.G_ema, self.C)
+        # The pipe is a submodule, so its p is checkpointed and restored on resume; "fixed" never
+        # changes p, "ada" hands it to the controller, "none" builds nothing.
+        cfg = self.loss_cfg
+        self.augment = AugmentPipe(cfg.augment_p) if cfg.augment != "none" else None
+        self.ada = (AdaController(self.augment, cfg.ada_target, cfg.ada_interval, cfg.ada_kimg)
+                    if cfg.augment == "ada" else None)
+        self.loss = StylexLoss(self.loss_cfg, self.G, self.D, self.E, self.G_ema, self.C, augment=self.augment)
         self.lpips = LPIPSDistance() if self.loss.perceptual_backend == "lpips" else None
         self.loss.lpips = self.lpips
 
@@ -102,6 +123,7 @@ class StylexModule(pl.LightningModule):
         self.register_buffer("pl_mean", torch.zeros(()))
         self._host_counts: dict[str, int] | None = None
         self.register_load_state_dict_post_hook(_forget_host_counts)
+        self.register_load_state_dict_post_hook(_tolerate_augment_state)
 
     # ------------------------------------------------------------------ helpers
     def count(self, name: str) -> int:
@@ -154,6 +176,12 @@ class StylexModule(pl.LightningModule):
         else:
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
 
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over every process (the strategy's all-reduce; ``t`` itself on one process
+        or outside a trainer)."""
+        trainer = self._trainer
+        return t if trainer is None else trainer.strategy.reduce(t, reduce_op="sum")
+
     @staticmethod
     def _due(interval: int, count: int) -> bool:
         """Whether a lazy phase run every ``interval`` steps (0 = never) is due at ``count``."""
@@ -197,6 +225,12 @@ class StylexModule(pl.LightningModule):
         self._check_finite(list(self.D.parameters()), "discriminator")
         self._step(opt_d, counted=False)
         self._advance("d_steps", 1)
+        if self.ada is not None:
+            rt = self.ada.step(self.loss.last_real_logits, reduce=self._sum_over_ranks)
+            # Host numbers (Lightning puts them on the module's device): logging them reads nothing back.
+            logs["train/ada_p"] = self.augment.p_value
+            if rt is not None:  # logged at updates only: r_t is the mean over one interval
+                logs["train/rt"] = rt
 
         # ---- generator and encoder: G main (+ G reg)
         _requires_grad(self.D, False)
