@@ -4,6 +4,7 @@
     python benchmarks/explain_quality.py --run runs/synthetic/<ts>
     python benchmarks/explain_quality.py --train-steps 600     # train the quickstart first
     python benchmarks/explain_quality.py --train-steps 3000    # a longer run
+    python benchmarks/explain_quality.py --train-steps 600 --seeds 0,1,2   # mean and spread of 3 runs
 
 For a run trained on the synthetic fundus scenes, runs AttFind on validation images and reports
 
@@ -21,13 +22,18 @@ The probe comes from the probe cache (``$STYLEX_CACHE_DIR/probes``) when one wit
 was trained before (its training time is then ~0).
 
 ``--train-steps N`` first runs ``python train.py trainer.max_steps=N`` (plus any ``--override``)
-and evaluates the run it prints. Results go to stdout and, with ``--out``, to a JSON file.
+and evaluates the run it prints; with ``--seeds`` it does so once per seed (``seed=k``) and prints
+the mean and spread of recovery, purity, the flip rates at the largest k, FID, conditioning
+fidelity, the causal-factor ratios and the training time. The generator figures come from the
+run's ``summary.json`` and ``metrics/quality.json``. Results go to stdout and, with ``--out``, to
+a JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +50,7 @@ from stylex.explain.inputs import latest_export_run as find_latest_run  # noqa: 
 from stylex.explain.inputs import run_config, validation_images  # noqa: E402
 from stylex.explain.metrics import sufficiency  # noqa: E402
 from stylex.explain.pipeline import manifold_lines  # noqa: E402
+from stylex.explain.refine import refine_latents  # noqa: E402
 from stylex.export import load_export  # noqa: E402
 from stylex.metrics.probe import cached_factor_probe  # noqa: E402
 
@@ -63,11 +70,17 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, default=None, help="run folder (default: the latest under --runs-root)")
     ap.add_argument("--runs-root", type=Path, default=Path("runs"))
     ap.add_argument("--train-steps", type=int, default=None, help="train a new run of this many steps first")
+    ap.add_argument("--seeds", default=None,
+                    help="with --train-steps: train and evaluate one run per seed, e.g. 0,1,2, and print the "
+                         "mean and spread of every figure")
     ap.add_argument("--override", action="append", default=[], help="extra train.py overrides (repeatable)")
     ap.add_argument("--num-images", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--prescreen", default="32", help="candidates per class, or 'none' for the exhaustive search")
     ap.add_argument("--flip-k", type=int, default=10)
+    ap.add_argument("--measure", choices=("prob", "logit"), default="prob", help="AttFind's effect measure")
+    ap.add_argument("--refine-steps", type=int, default=0,
+                    help="refine each image's latent for N steps before the search (explain.py --refine-steps)")
     ap.add_argument("--probe-train", type=int, default=2048, help="synthetic scenes the factor probe learns from")
     ap.add_argument("--probe-epochs", type=int, default=10)
     ap.add_argument("--min-effect", type=float, default=0.25,
@@ -77,19 +90,45 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.train_steps:
-        run = train_run(args.train_steps, args.runs_root, args.override)
+    if args.seeds is not None:
+        if not args.train_steps:
+            raise SystemExit("--seeds needs --train-steps: each seed is a new training run")
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        results = []
+        for seed in seeds:
+            start = time.perf_counter()
+            run = train_run(args.train_steps, args.runs_root, [*args.override, f"seed={seed}"])
+            train_seconds = time.perf_counter() - start
+            results.append({"seed": seed, "train_seconds": train_seconds, **evaluate(run, args, device)})
+        table = seed_table(results)
+        out = {"seeds": results, "summary": table}
     else:
-        run = args.run or find_latest_run(args.runs_root)
+        run = train_run(args.train_steps, args.runs_root, args.override) if args.train_steps else (
+            args.run or find_latest_run(args.runs_root))
+        out = evaluate(run, args, device)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
+def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
+    """Ground truth, flip rates and the run's own generator figures; printed and returned."""
     exp = load_export(run, map_location=device)
     config = run_config(exp.meta, run)
     if not str((config.get("dataset") or {}).get("_target_", "")).endswith("SyntheticDataModule"):
         raise SystemExit(f"{run} was not trained on the synthetic dataset: there is no ground truth to compare with")
     t0 = time.perf_counter()
     prescreen = None if args.prescreen == "none" else int(args.prescreen)
-    finder = AttFind(exp.generator, exp.classifier, AttFindConfig(prescreen=prescreen), device=device)
+    finder = AttFind(exp.generator, exp.classifier, AttFindConfig(prescreen=prescreen, measure=args.measure),
+                     device=device)
     images, _ = validation_images(config, args.num_images, exp.resolution)
     flat = finder.encode(exp.encoder, images)
+    refinement = None
+    if args.refine_steps > 0:
+        refined = refine_latents(exp.generator, exp.encoder, exp.classifier, images, steps=args.refine_steps)
+        flat = finder.styles_of(refined.w, refined.c)
+        refinement = refined.to_dict()
     result = finder.run(flat, top_k=args.top_k)
     suff = sufficiency(result, finder.evaluator, ks=range(1, args.flip_k + 1), inputs=images)
     t_probe = time.perf_counter()
@@ -100,20 +139,30 @@ def main(argv=None) -> int:
     gt = ground_truth(result, finder.evaluator, probe, min_effect=args.min_effect)
     thresholds = sorted({args.min_effect, 0.25, 0.1, 0.05}, reverse=True)
     sensitivity = {t: gt.scores_at(t) for t in thresholds}
+    summary_file = run / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    history_file = run / "metrics" / "quality.json"
+    history = json.loads(history_file.read_text()).get("history", []) if history_file.is_file() else []
 
     names = exp.class_names
     out = {
         "run": str(run), "g_steps": exp.meta.get("g_steps"), "images": result.num_images,
-        "stable_images": int(result.stable.sum()), "attfind_mode": result.mode,
+        "stable_images": int(result.stable.sum()), "attfind_mode": result.mode, "measure": args.measure,
         "attfind_seconds": result.seconds, "probe_seconds": t_probe,
-        "classifier_metrics": exp.meta.get("classifier_metrics"),
+        "classifier_metrics": exp.meta.get("classifier_metrics"), "refinement": refinement,
         "ground_truth": gt.to_dict(names), "flip_rate": suff.to_dict(),
         "ground_truth_by_min_effect": {str(t): {"recovery": r, "purity": p} for t, (r, p) in sensitivity.items()},
         "rankings": {names[c]: [a.to_dict() for a in result.rankings[c]] for c in result.classes},
+        "generator": {k: v for k, v in summary.items() if k.startswith("val/")},
+        "fid_history": [(h.get("g_steps"), h.get("val/fid")) for h in history],
+        "fit_seconds": summary.get("fit_seconds"),
         "total_seconds": time.perf_counter() - t0,
     }
     print(f"run {run} ({exp.meta.get('g_steps')} generator steps), {result.num_images} images, "
           f"{int(result.stable.sum())} stable")
+    if refinement:
+        print(f"refinement: L1 {refinement['recon_l1_before']:.4f} -> {refinement['recon_l1_after']:.4f}, agreement "
+              f"{refinement['agreement_before']:.2f} -> {refinement['agreement_after']:.2f}")
     print("probe R^2:", ", ".join(f"{k} {v:.2f}" for k, v in probe.r2.items()))
     for c in result.classes:
         pc = gt.per_class[c]
@@ -129,10 +178,39 @@ def main(argv=None) -> int:
         print(f"{name:8s} " + " ".join(f"{v:5.2f}" for v in curve))
     for line in manifold_lines(suff.to_dict()):
         print(line)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    return 0
+    if out["generator"]:
+        g = out["generator"]
+        print("generator: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in g.items()
+                                        if k.split("/")[1] in ("fid", "kid", "cond_fidelity", "factor_ratio")))
+    if history:
+        print("FID by step: " + ", ".join(f"{s}: {f:.4g}" for s, f in out["fid_history"] if f is not None))
+    return out
+
+
+def seed_table(results: list[dict]) -> dict:
+    """Mean and spread over seeds of the figures the issue's targets name; printed."""
+    def figures(r: dict) -> dict:
+        fr, gt, g = r["flip_rate"], r["ground_truth"], r["generator"]
+        row = {"recovery": gt["recovery"], "purity": gt["purity"], "flip_attfind": fr["attfind"][-1],
+               "flip_variance": fr["variance"][-1], "flip_random": fr["random"][-1],
+               "fid": g.get("val/fid"), "cond_fidelity": g.get("val/cond_fidelity"),
+               "train_seconds": r["train_seconds"]}
+        row.update({k[len("val/factor_ratio/"):]: v for k, v in g.items() if k.startswith("val/factor_ratio/")})
+        return row
+
+    rows = [figures(r) for r in results]
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    table = {}
+    print(f"\nover {len(rows)} seeds ({', '.join(str(r['seed']) for r in results)}):")
+    for k in keys:
+        values = [row[k] for row in rows if row.get(k) is not None]
+        if not values:
+            continue
+        mean = statistics.fmean(values)
+        spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+        table[k] = {"mean": mean, "std": spread, "min": min(values), "max": max(values), "values": values}
+        print(f"  {k:28s} {mean:9.3f} ± {spread:.3f}   (min {min(values):.3f}, max {max(values):.3f})")
+    return table
 
 
 if __name__ == "__main__":

@@ -514,7 +514,7 @@ def test_callback_defaults_are_config_values_and_a_relative_out_dir_lies_in_the_
     schema = OmegaConf.structured(dataclasses.make_dataclass("ExplainSchema", fields))
     assert OmegaConf.to_container(schema) == {
         "out_dir": "explain", "top_k": 4, "num_images": 64, "every_n_epochs": 0, "shift_size": 1.0,
-        "prescreen": 16, "flip_k": 6, "examples": 4, "threads": None, "enabled": True}
+        "prescreen": 16, "flip_k": 6, "examples": 4, "threads": None, "enabled": True, "refine_steps": 0}
     g, e, c = _random_nets()
     dataset = [{"image": torch.rand(3, 16, 16) * 2 - 1, "label": torch.tensor(i % 2)} for i in range(8)]
     module = SimpleNamespace(G_ema=g, E=e, classifier=c, class_names=["a", "b"], num_classes=2,

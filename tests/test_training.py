@@ -611,9 +611,9 @@ def test_augment_none_builds_no_pipe_and_p_zero_changes_nothing(tmp_path):
     cfg, dm, clf = _module_and_data(tmp_path, "loss.augment=none")
     plain = build_module(cfg, dm.num_classes, dm.class_names, clf)
     assert plain.augment is None and plain.ada is None and "augment.p" not in plain.state_dict()
-    cfg_ada, _, _ = _module_and_data(tmp_path / "b")
+    cfg_ada, _, _ = _module_and_data(tmp_path / "b", "loss.augment=ada")
     ada = build_module(cfg_ada, dm.num_classes, dm.class_names, clf)
-    assert ada.loss_cfg.augment == "ada" and ada.augment.p_value == 0.0  # the default: ada from p = 0
+    assert ada.loss_cfg.augment == "ada" and ada.augment.p_value == 0.0  # ada starts from p = 0
     ada.load_state_dict(plain.state_dict())  # a checkpoint without p loads; p keeps its configured start
     assert ada.augment.p_value == 0.0
     x = next(iter(dm.train_dataloader()))["image"]
@@ -640,7 +640,7 @@ def test_augment_fixed_keeps_p_through_training(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("loss.augment=sometimes", "loss.augment must be 'ada', 'fixed' or 'none', got 'sometimes'"),
+    ("loss.augment=sometimes", "loss.augment must be 'auto', 'ada', 'fixed' or 'none', got 'sometimes'"),
     ("loss.augment_p=1.5", "loss.augment_p must be in [0, 1]"),
     ("loss.ada_interval=0", "loss.ada_interval must be >= 1"),
 ])
@@ -649,3 +649,17 @@ def test_bad_augment_options_are_refused_before_any_training(tmp_path, override,
     with pytest.raises(ConfigError, match=re.escape(message)):
         train(tiny_cfg(run_dir, override))
     assert not (run_dir / "classifier").exists()
+
+
+def test_augment_auto_is_ada_on_real_data_and_off_on_generated_data(tmp_path):
+    from helpers import compose_cfg
+    from stylex.training.run import check
+
+    synthetic = tiny_cfg(tmp_path / "s")
+    loss, _, _ = check(synthetic)
+    assert loss.augment == "none" and synthetic.loss.augment == "none"  # the saved config records it
+    folder = compose_cfg(["dataset=folder", f"dataset.root={tmp_path}", "logger=csv"])
+    loss, _, _ = check(folder)
+    assert loss.augment == "ada"
+    explicit = tiny_cfg(tmp_path / "e", "loss.augment=ada")
+    assert check(explicit)[0].augment == "ada"

@@ -499,6 +499,7 @@ class SyntheticDataModule(ImageDataModule):
         (the remaining arguments are those of :class:`ImageDataModule`)
     """
 
+    generated = True  # as many scenes as asked for: no limited-data measures needed (loss.augment=auto)
     factor_names = FACTOR_NAMES
     causal_factors = CAUSAL_FACTORS
     nuisance_factors = NUISANCE_FACTORS

@@ -109,6 +109,18 @@ class AttFind:
         return torch.cat(out) if out else torch.zeros(0, self.space.dim)
 
     @torch.no_grad()
+    def styles_of(
+        self,
+        w: torch.Tensor,  # [N, w_dim] latents, e.g. refined ones (stylex.explain.refine)
+        c: torch.Tensor,  # [N, K] class probabilities they are conditioned on
+    ) -> torch.Tensor:  # [N, S] on the CPU
+        """Styles of given latents under given class vectors."""
+        step = self.evaluator.batch_size
+        out = [self.space.flat_styles(w[i : i + step].to(self.device), c[i : i + step].to(self.device)).cpu()
+               for i in range(0, w.shape[0], step)]
+        return torch.cat(out) if out else torch.zeros(0, self.space.dim)
+
+    @torch.no_grad()
     def sample(
         self,
         num: int,

@@ -30,7 +30,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from stylex.data.base import spread_indices
 from stylex.explain.attfind import AttFind, AttFindConfig
 from stylex.explain.loggers import log_report
-from stylex.explain.pipeline import explain_and_report
+from stylex.explain.pipeline import explain_and_report, refine_and_compare
 from stylex.explain.report import Report
 from stylex.utils.runs import in_run
 
@@ -56,6 +56,8 @@ class ExplainCallback(pl.Callback):
             with other busy processes, 1 can be many times faster than the default: every small
             operation otherwise waits for a descheduled second thread.
         enabled: False turns the callback into a no-op (a config switch).
+        refine_steps: optimise each image's latent for this many steps before the search
+            (:mod:`stylex.explain.refine`; 0 = off); the report then says what it changed.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class ExplainCallback(pl.Callback):
         examples: int = 4,
         threads: Optional[int] = None,
         enabled: bool = True,
+        refine_steps: int = 0,
     ) -> None:
         if int(top_k) < 1 or int(num_images) < 1:
             raise ValueError(f"ExplainCallback needs top_k >= 1 and num_images >= 1, got {top_k} and {num_images}")
@@ -81,6 +84,9 @@ class ExplainCallback(pl.Callback):
         self.flip_k = int(flip_k)
         self.examples = int(examples)
         self.threads = None if threads is None else int(threads)
+        if int(refine_steps) < 0:
+            raise ValueError(f"ExplainCallback needs refine_steps >= 0, got {refine_steps}")
+        self.refine_steps = int(refine_steps)
         self.enabled = bool(enabled)
         self.last_report: Optional[Report] = None
 
@@ -135,6 +141,11 @@ class ExplainCallback(pl.Callback):
             with torch.autocast(device_type=pl_module.device.type, enabled=False):
                 finder = AttFind(pl_module.G_ema, pl_module.classifier, self.config)
                 flat = finder.encode(encoder, images)
+                sections = {}
+                if self.refine_steps > 0:
+                    flat, sections["refinement"] = refine_and_compare(
+                        finder, encoder, images, flat, self.refine_steps, lr=0.05, kl_weight=0.1,
+                        top_k=min(self.top_k, finder.space.dim), classes=None, reference=None, say=log.info)
                 names = [str(n) for n in getattr(pl_module, "class_names", None) or []]
                 names = names or [str(c) for c in range(int(pl_module.num_classes))]
                 settings = {"source": "validation split", "num_images": len(idx), "top_k": self.top_k,
@@ -143,7 +154,7 @@ class ExplainCallback(pl.Callback):
                 report, _ = explain_and_report(
                     finder, flat, out_dir, names, top_k=min(self.top_k, finder.space.dim), flip_k=self.flip_k,
                     examples=self.examples, image_info=info, inputs=images, settings=settings,
-                    title=f"StylEx explanation after {settings['g_steps']} steps",
+                    title=f"StylEx explanation after {settings['g_steps']} steps", sections=sections,
                 )
         finally:
             encoder.train(was_training)

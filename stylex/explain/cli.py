@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of generated samples (default: {d.seed})")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy machine)")
+    p.add_argument("--refine-steps", type=int, default=d.refine_steps,
+                   help="optimise each real image's latent for N steps from the encoder's before explaining "
+                        f"(reconstruction L1 + class-keeping KL; default: {d.refine_steps} = off)")
+    p.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"refinement learning rate (default: {d.refine_lr:g})")
+    p.add_argument("--refine-kl", type=float, default=d.refine_kl,
+                   help=f"weight of the refinement's class-keeping KL term (default: {d.refine_kl:g})")
     p.add_argument("--no-wandb", action="store_true", help="do not log to W&B even when the run used it")
     p.add_argument("--quiet", action="store_true", help="print only the report path")
     return p
@@ -90,7 +96,8 @@ def request_from_args(args: argparse.Namespace) -> ExplainRequest:
         images=args.image, source=args.source, measure=args.measure, prescreen=args.prescreen,
         time_budget=args.time_budget, flip_k=args.flip_k, examples=args.examples, ground_truth=args.ground_truth,
         device=args.device, devices=args.devices, batch_size=args.batch_size, seed=args.seed,
-        threads=args.threads, wandb=not args.no_wandb,
+        threads=args.threads, wandb=not args.no_wandb, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+        refine_kl=args.refine_kl,
     )
 
 

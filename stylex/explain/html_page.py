@@ -73,6 +73,15 @@ def render_html(
                  ["search", f"{s['mode']}, {s['pairs_rendered_per_image']:.0f} edits rendered per image"],
                  ["time", f"{s['seconds']:.1f} s ({s['seconds_per_image']:.3f} s per image)"]]
     parts.append(_table(["setting", "value"], settings))
+    ref = data.get("refinement")
+    if ref:
+        same = ref.get("rankings_vs_encoder") or {}
+        parts.append(
+            f"<p>Latents refined per image ({ref['steps']} steps, {ref['seconds_per_image']:.3f} s per image): "
+            f"reconstruction L1 {ref['recon_l1_before']:.4f} → {ref['recon_l1_after']:.4f}, class agreement "
+            f"{ref['agreement_before']:.0%} → {ref['agreement_after']:.0%}"
+            + (f"; the class rankings share {same['class_overlap']:.0%} of their attributes with those of the "
+               f"encoder's latents." if same else ".") + "</p>")
     for w in s.get("warnings", []):
         parts.append(f"<p class='muted'>note: {esc(w)}</p>")
 

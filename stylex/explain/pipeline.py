@@ -19,7 +19,7 @@ command line takes its defaults from it). Problems the user can fix raise
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,7 +30,8 @@ from stylex.explain.attfind import AttFind, AttFindConfig
 from stylex.explain.factors import FactorProbe, ground_truth
 from stylex.explain.inputs import load_image_files, resolve_export, run_config, validation_images
 from stylex.explain.loggers import log_to_wandb, wandb_settings
-from stylex.explain.metrics import sufficiency
+from stylex.explain.metrics import agreement, sufficiency
+from stylex.explain.refine import refine_latents
 from stylex.explain.report import Report, write_report
 from stylex.explain.result import AttFindResult
 from stylex.metrics.probe import cached_factor_probe
@@ -61,6 +62,7 @@ def explain_and_report(
     ground_truth_probe: FactorProbe | None = None,  # also score against the synthetic factors
     progress: Say | None = None,  # progress messages
     title: str = "StylEx explanation",
+    sections: dict[str, Any] | None = None,  # more sections of explanation.json (e.g. "refinement")
 ) -> tuple[Report, AttFindResult]:
     """AttFind on ``flat``, the flip-rate curves (with KID and agreement beside them), optionally
     the ground truth, and the report."""
@@ -75,7 +77,7 @@ def explain_and_report(
     gt = ground_truth(result, finder.evaluator, ground_truth_probe) if ground_truth_probe is not None else None
     report = write_report(out_dir, result, finder.evaluator, class_names, examples=examples, sufficiency=suff,
                           ground_truth=gt, image_info=image_info, inputs=inputs, image_panels=image_panels,
-                          settings=settings, title=title)
+                          settings=settings, title=title, sections=sections)
     return report, result
 
 
@@ -106,6 +108,9 @@ class ExplainRequest:
     seed: int = 0  # seed of generated samples
     threads: int | None = None  # CPU threads for torch while explaining (None: torch's choice)
     wandb: bool = True  # log to W&B when the run did (--no-wandb: False)
+    refine_steps: int = 0  # per-image refinement of w = E(x) before the search (0 = off; real images only)
+    refine_lr: float = 0.05  # its Adam learning rate
+    refine_kl: float = 0.1  # weight of its class-keeping KL term
 
     def check(self) -> None:
         """Raise a UsageError for an option out of its range (the rest needs the model)."""
@@ -122,6 +127,8 @@ class ExplainRequest:
             raise UsageError("--run and --checkpoint both name the model; pass one of them")
         if self.source not in ("auto", "val", "generated"):
             raise UsageError(f"--source must be auto, val or generated, got {self.source!r}")
+        if self.refine_steps < 0 or not self.refine_lr > 0 or self.refine_kl < 0:
+            raise UsageError("--refine-steps must be >= 0, --refine-lr > 0 and --refine-kl >= 0")
 
 
 def _positive(value: int, option: str) -> int:
@@ -223,6 +230,14 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
 
     finder.config = AttFindConfig(shift_size=req.shift_size, measure=req.measure, batch_size=req.batch_size,
                                   prescreen=choose_prescreen(req, finder, flat.shape[0], say))
+    sections: dict[str, Any] = {}
+    if req.refine_steps > 0:
+        if inputs is None:
+            say("note: --refine-steps refines encodings of real images; generated samples need none")
+        else:
+            flat, sections["refinement"] = refine_and_compare(
+                finder, exp.encoder, inputs, flat, req.refine_steps, req.refine_lr, req.refine_kl, req.top_k,
+                classes, reference, say)
 
     probe = None
     if req.ground_truth:
@@ -242,7 +257,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         finder, flat, out_dir, names, top_k=req.top_k, classes=classes, reference=reference,
         flip_k=req.flip_k, examples=req.examples, image_info=info, inputs=inputs, real_images=real_images,
         image_panels=panels, settings=settings, trainer_kwargs=trainer_kwargs, ground_truth_probe=probe,
-        progress=say, title=f"StylEx explanation of {(run_dir or export_dir).name}",
+        progress=say, title=f"StylEx explanation of {(run_dir or export_dir).name}", sections=sections,
     )
     if run_dir is not None and req.wandb:
         lcfg = wandb_settings(config)
@@ -250,6 +265,44 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
             say("logging to W&B")
             log_to_wandb(lcfg, run_dir, report)
     return report, result, names
+
+
+def refine_and_compare(
+    finder: AttFind,
+    encoder: torch.nn.Module,
+    inputs: torch.Tensor,  # [N, 3, R, R] the real images
+    flat: torch.Tensor,  # [N, S] their encoder styles
+    steps: int,
+    lr: float,
+    kl_weight: float,
+    top_k: int,
+    classes: Sequence[int] | None,
+    reference: torch.Tensor | None,
+    say: Say,
+) -> tuple[torch.Tensor, dict[str, Any]]:  # refined styles [N, S], the report's "refinement" section
+    """Refine every image's latent (:mod:`stylex.explain.refine`) and say what it changed: the
+    reconstruction error and class agreement before and after, and how far the class rankings
+    of the refined styles agree with those of the encoder's (a second, pre-screened search)."""
+    g, clf = finder.evaluator.generator, finder.evaluator.classifier
+    refinement = refine_latents(g, encoder, clf, inputs, steps=steps, lr=lr, kl_weight=kl_weight,
+                                batch_size=finder.evaluator.batch_size)
+    refined = finder.styles_of(refinement.w, refinement.c)
+    b, a = refinement.before, refinement.after
+    say(f"refined {inputs.shape[0]} latents ({steps} steps, {refinement.seconds_per_image:.3f} s per image): "
+        f"reconstruction L1 {b['recon_l1']:.4f} -> {a['recon_l1']:.4f}, class agreement "
+        f"{b['agreement']:.2f} -> {a['agreement']:.2f}")
+    section = refinement.to_dict()
+    config = finder.config
+    finder.config = replace(config, prescreen=config.prescreen or AUTO_PRESCREEN)
+    try:
+        on_encoder = finder.run(flat, top_k=top_k, classes=classes, reference=reference)
+        on_refined = finder.run(refined, top_k=top_k, classes=classes, reference=reference)
+    finally:
+        finder.config = config
+    section["rankings_vs_encoder"] = agreement(on_refined, on_encoder)
+    say(f"class rankings after refinement share {section['rankings_vs_encoder']['class_overlap']:.0%} of their "
+        f"top-{top_k} with the encoder's")
+    return refined, section
 
 
 def manifold_lines(

@@ -121,6 +121,7 @@ def write_report(
     settings: dict[str, Any] | None = None,  # shown in the header and stored in the JSON
     title: str = "StylEx explanation",
     tile: int = 128,
+    sections: dict[str, Any] | None = None,  # more top-level sections of the JSON, e.g. "refinement"
 ) -> Report:
     """Write the whole report folder (see the module docstring) and return its paths."""
     t0 = time.perf_counter()
@@ -192,6 +193,7 @@ def write_report(
         "flip_rate": sufficiency.to_dict() if sufficiency is not None else None,
         "ground_truth": ground_truth.to_dict(names) if ground_truth is not None else None,
         "files": {"html": HTML_FILE, "plot": PLOT_FILE if report.plot else None},
+        **dict(sections or {}),
     }
     data["report_seconds"] = time.perf_counter() - t0
     atomic_write_json(report.json, data)

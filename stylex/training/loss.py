@@ -44,7 +44,7 @@ from stylex.training.perceptual import ClassifierFeatures, feature_distance, res
 BATCH_MODES = ("both", "alternate")
 D_FAKES = ("both", "encoder", "noise")
 ENCODER_LOSSES = ("reconstruction", "all")
-AUGMENTS = ("ada", "fixed", "none")
+AUGMENTS = ("auto", "ada", "fixed", "none")
 
 
 @dataclass
@@ -66,7 +66,10 @@ class LossConfig:
     batch_mode: str = "both"  # both | alternate: encoder and noise paths every step, or in turns
     d_fakes: str = "both"  # which fakes the discriminator sees: both | encoder | noise
     encoder_losses: str = "reconstruction"  # what trains E: reconstruction (pixel, perceptual, latent) | all
-    augment: str = "ada"  # ada | fixed | none: augment what D sees, p adapted to D's overfitting, constant, or off
+    # auto | ada | fixed | none: augment what D sees, with p adapted to D's overfitting (ada), constant
+    # (fixed), or not at all; auto = ada, except on generated data (train() resolves it), whose
+    # size is not limited and where an early, confident D made ADA worsen short runs
+    augment: str = "auto"
     augment_p: float = 0.0  # augmentation probability: the starting p of ada, the constant p of fixed
     ada_target: float = 0.6  # ada: the target of r_t = E[sign(D(real))]; p rises while r_t is above it
     ada_interval: int = 4  # ada: discriminator steps between updates of p
@@ -84,7 +87,7 @@ class LossConfig:
         if self.encoder_losses not in ENCODER_LOSSES:
             raise ValueError(f"loss.encoder_losses must be 'reconstruction' or 'all', got {self.encoder_losses!r}")
         if self.augment not in AUGMENTS:
-            raise ValueError(f"loss.augment must be 'ada', 'fixed' or 'none', got {self.augment!r}")
+            raise ValueError(f"loss.augment must be 'auto', 'ada', 'fixed' or 'none', got {self.augment!r}")
         if not 0.0 <= self.augment_p <= 1.0:
             raise ValueError(f"loss.augment_p must be in [0, 1] (a probability), got {self.augment_p!r}")
         if not -1.0 <= self.ada_target <= 1.0:

@@ -109,9 +109,10 @@ class StylexModule(pl.LightningModule):
         # The pipe is a submodule, so its p is checkpointed and restored on resume; "fixed" never
         # changes p, "ada" hands it to the controller, "none" builds nothing.
         cfg = self.loss_cfg
-        self.augment = AugmentPipe(cfg.augment_p) if cfg.augment != "none" else None
+        mode = "ada" if cfg.augment == "auto" else cfg.augment  # train() resolves auto by the dataset first
+        self.augment = AugmentPipe(cfg.augment_p) if mode != "none" else None
         self.ada = (AdaController(self.augment, cfg.ada_target, cfg.ada_interval, cfg.ada_kimg)
-                    if cfg.augment == "ada" else None)
+                    if mode == "ada" else None)
         self.loss = StylexLoss(self.loss_cfg, self.G, self.D, self.E, self.G_ema, self.C, augment=self.augment)
         self.lpips = LPIPSDistance() if self.loss.perceptual_backend == "lpips" else None
         self.loss.lpips = self.lpips

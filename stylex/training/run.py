@@ -161,6 +161,9 @@ def check(cfg: DictConfig) -> tuple[Any, Any, list[pl.Callback]]:
         raise ConfigError(str(e)) from e
     if loss.perceptual > 0:
         loss.perceptual_backend = cfg.loss.perceptual_backend = resolve_backend(loss.perceptual_backend)
+    if loss.augment == "auto":  # ADA is for limited data; a generated dataset is not limited
+        generated = bool(getattr(get_class(cfg.dataset._target_), "generated", False))
+        loss.augment = cfg.loss.augment = "none" if generated else "ada"
     classifier = ClassifierConfig.from_mapping(OmegaConf.to_container(cfg.classifier, resolve=True))
     return loss, classifier, build_callbacks(cfg)
 
