@@ -25,7 +25,7 @@ def _import_target(target: str):
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_resolves(group, option):
     overrides = [f"{group}={option}"]
-    if option in ("folder",) or group == "experiment":
+    if "root" in compose_cfg(overrides).dataset.keys():  # a dataset read from files: give it a folder
         overrides.append("dataset.root=/some/folder")
     cfg = compose_cfg(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -138,3 +138,39 @@ def test_overrides_of_the_wrong_type_are_refused_when_composing():
     for override in ("callbacks.explain.top_k=many", "loss.adv=strong", "classifier.train.max_epochs=x"):
         with pytest.raises(ConfigCompositionException):
             compose_cfg([override])
+
+
+def test_an_experiment_overrides_the_top_level_values(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "seeded.yaml").write_text("# @package _global_\nseed: 7\nruns_root: elsewhere\n")
+    cfg = compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "experiment=seeded"])
+    assert cfg.seed == 7 and cfg.runs_root == "elsewhere"
+    assert compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "experiment=seeded", "seed=3"]).seed == 3
+
+
+def test_explain_help_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom stylex.explain.cli import main\nassert main(['--help']) == 0\n"
+            "print('torch' in sys.modules, 'pytorch_lightning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
+    assert "--refine-steps" in out.stdout
+
+
+def test_train_help_lists_every_config_option():
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    for group in GROUPS:
+        options = [p.stem for p in (CONFIGS / group).glob("*.yaml")]
+        assert group in lines, f"train.py --help does not list the group {group}"
+        for option in options:
+            assert option in lines[group], f"train.py --help does not list {group}={option}"
+    assert "python explain.py" in out and "<runs_root>/<dataset>/<timestamp>" in out

@@ -39,7 +39,8 @@ from stylex.explain.factors import (
 from stylex.explain.loggers import log_report, log_to_wandb
 from stylex.explain.measures import apply_edits, measure_change, shift_targets
 from stylex.explain.metrics import agreement, sufficiency
-from stylex.explain.pipeline import ExplainRequest, explain_run
+from stylex.explain.pipeline import explain_run
+from stylex.explain.request import ExplainRequest
 from stylex.explain.report import Report, write_report
 from stylex.explain.result import greedy_class_ranking
 from stylex.export import save_export
@@ -678,7 +679,9 @@ def test_explain_py_delegates_to_explain_run(random_export, tmp_path, monkeypatc
         requests.append(request)
         return explain_run(request, say=say, show=show)
 
-    monkeypatch.setattr(cli, "explain_run", spy)
+    import stylex.explain.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "explain_run", spy)  # the CLI imports it when it runs
     threads = torch.get_num_threads()
     assert main([*options, "--out", str(tmp_path / "cli")]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str((tmp_path / "cli" / "report.html").resolve())

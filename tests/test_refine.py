@@ -86,7 +86,8 @@ def test_explain_run_refines_and_reports_what_refinement_changed(tmp_path):
 
     from stylex.classifier import Classifier
     from stylex.explain.inputs import validation_images
-    from stylex.explain.pipeline import ExplainRequest, explain_run
+    from stylex.explain.pipeline import explain_run
+    from stylex.explain.request import ExplainRequest
     from stylex.export import save_export
 
     torch.manual_seed(0)

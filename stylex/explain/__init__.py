@@ -32,46 +32,36 @@ Showing it:
 Running it:
 
 - :mod:`stylex.explain.inputs`: the export, config and images of a trained run;
+- :mod:`stylex.explain.refine`: per-image latent refinement before the search;
+- :mod:`stylex.explain.request`: :class:`ExplainRequest`, the options of ``explain.py``;
 - :mod:`stylex.explain.pipeline`: search + metrics + report (:func:`explain_and_report`) and a
   whole trained run (:func:`explain_run`);
 - :mod:`stylex.explain.callback`: the post-training explanation as a Lightning callback;
 - :mod:`stylex.explain.cli`: ``python explain.py`` (options only; nothing imports it).
 """
 
-from stylex.explain.attfind import AttFind, AttFindConfig
-from stylex.explain.callback import ExplainCallback
-from stylex.explain.evaluator import EffectEvaluator
-from stylex.explain.factors import (
-    FactorProbe,
-    GroundTruth,
-    ground_truth,
-    recovery_purity,
-    train_factor_probe,
-)
-from stylex.explain.metrics import Sufficiency, agreement, sufficiency
-from stylex.explain.pipeline import ExplainRequest, explain_and_report, explain_run
-from stylex.explain.report import Report, write_report
-from stylex.explain.result import AttFindResult, Attribute, greedy_class_ranking
+# The names below are imported on first use (PEP 562), so that ``explain.py --help`` and other
+# light users of a submodule do not pay for torch, Lightning and timm.
+_WHERE = {
+    "AttFind": "attfind", "AttFindConfig": "config", "ExplainCallback": "callback", "EffectEvaluator": "evaluator",
+    "FactorProbe": "factors", "GroundTruth": "factors", "ground_truth": "factors", "recovery_purity": "factors",
+    "train_factor_probe": "factors", "Sufficiency": "metrics", "agreement": "metrics", "sufficiency": "metrics",
+    "ExplainRequest": "request", "explain_and_report": "pipeline", "explain_run": "pipeline", "Report": "report",
+    "write_report": "report", "AttFindResult": "result", "Attribute": "result", "greedy_class_ranking": "result",
+    "Refinement": "refine", "refine_latents": "refine",
+}
+__all__ = sorted(_WHERE)
 
-__all__ = [
-    "AttFind",
-    "AttFindConfig",
-    "AttFindResult",
-    "Attribute",
-    "EffectEvaluator",
-    "ExplainCallback",
-    "ExplainRequest",
-    "FactorProbe",
-    "GroundTruth",
-    "Report",
-    "Sufficiency",
-    "agreement",
-    "explain_and_report",
-    "explain_run",
-    "greedy_class_ranking",
-    "ground_truth",
-    "recovery_purity",
-    "sufficiency",
-    "train_factor_probe",
-    "write_report",
-]
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'stylex.explain' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"stylex.explain.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stylex.errors import UsageError
-from stylex.explain.pipeline import ExplainRequest, explain_run
+from stylex.explain.request import ExplainRequest
 
 EXIT_USAGE = 2
 
@@ -122,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         request = request_from_args(args)
         request.check()
+        from stylex.explain.pipeline import explain_run  # torch and the models load only now
+
         report, _ = explain_run(request, say=say, show=show)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
