@@ -1,21 +1,12 @@
-"""Train StylEx: ``python train.py [group=option ...] [key=value ...]`` (see README.md)."""
+"""Train StylEx: ``python train.py [group=option ...] [key=value ...]`` (see README.md).
+
+The same as the ``stylex-train`` command of an installed StylEx: both call
+:func:`stylex.cli.train_main`.
+"""
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
-
-from stylex.config import register
-
-register()  # the schemas configs/ is built on
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    from stylex.cli import run_training
-
-    run_training(cfg)
-
+from stylex.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

@@ -1,11 +1,21 @@
-"""Command-line front ends; the scripts at the top of the repository only call these."""
+"""Command-line front ends of training; ``train.py`` and the ``stylex-train`` console script
+only call :func:`train_main` (explanations: :mod:`stylex.explain.cli`).
+
+The configs come from :func:`stylex.resources.configs_dir`: the package's copy when StylEx is
+installed, the checkout's ``configs/`` otherwise, so both commands work from any folder.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
+from typing import Sequence
 
 from omegaconf import DictConfig
+
+CONFIG_NAME = "train"
+EXIT_USAGE = 2
 
 
 def _overrides() -> list[str]:
@@ -15,6 +25,44 @@ def _overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except ValueError:  # not running under @hydra.main
         return []
+
+
+def compose_config(
+    overrides: Sequence[str] = (),  # the command line's items: "dataset=retina", "trainer.max_steps=2000", ...
+) -> DictConfig:
+    """The training config ``stylex-train OVERRIDES`` would run, composed from the shipped configs.
+
+    Example::
+
+        from stylex import compose_config, train
+
+        cfg = compose_config(["trainer.max_steps=200", "logger=csv"])
+        run_dir = train(cfg)      # the run folder, as the command line prints it
+    """
+    from hydra import compose, initialize_config_dir
+
+    from stylex.config import register
+    from stylex.resources import configs_dir
+
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(configs_dir()), job_name="stylex"):
+        return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+
+
+def check_optional_packages(cfg: DictConfig) -> None:
+    """Name an optional package the config needs but the environment lacks, with its install
+    command, before training starts (instead of an import error from deep inside a logger)."""
+    from stylex.errors import UsageError
+
+    for name, logger in (cfg.get("logger") or {}).items():
+        target = str(logger.get("_target_", "")) if isinstance(logger, DictConfig) else ""
+        if target.endswith("TensorBoardLogger") and not any(
+            importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX")
+        ):
+            raise UsageError(
+                f"logger={name} needs the tensorboard package, which is not installed: "
+                "pip install 'stylex[tensorboard]' (or choose logger=wandb, csv or none)"
+            )
 
 
 def run_training(cfg: DictConfig) -> None:
@@ -28,9 +76,47 @@ def run_training(cfg: DictConfig) -> None:
 
     logging.getLogger("stylex").setLevel(logging.INFO)
     try:
+        check_optional_packages(cfg)
         run_dir = train(cfg, _overrides())
     except (UsageError, FileNotFoundError, MisconfigurationException) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     if is_rank_zero():
         print(run_dir.resolve(), flush=True)
+
+
+def train_main() -> None:
+    """``stylex-train [group=option ...] [key=value ...]`` and ``python train.py ...``: Hydra
+    composes the config from the shipped configs and the command line (``--help``, ``--cfg job``
+    and every other Hydra flag work), then :func:`run_training` runs it."""
+    import hydra
+
+    from stylex.config import register
+    from stylex.resources import configs_dir
+
+    register()  # the schemas configs/ is built on
+    try:
+        folder = configs_dir()
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    hydra.main(version_base="1.3", config_path=str(folder), config_name=CONFIG_NAME)(run_training)()
+
+
+def explain_main(
+    argv: Sequence[str] | None = None,  # the options; None: sys.argv[1:]
+    prog: str = "stylex-explain",
+) -> int:
+    """``stylex-explain``: AttFind (:mod:`stylex.explain.cli`), or with ``--dissect`` the GAN
+    Dissection of the run (:mod:`stylex.dissect.cli`). Neither imports torch before parsing."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--dissect" in args:
+        from stylex.dissect.cli import main as dissect_main
+
+        try:
+            return dissect_main(args, prog=prog)
+        except SystemExit as e:  # argparse has printed its message
+            return int(e.code or 0)
+    from stylex.explain.cli import main as attfind_main
+
+    return attfind_main(args, prog=prog)

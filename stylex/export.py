@@ -104,6 +104,13 @@ def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> E
         meta = json.loads((folder / META_FILE).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder / META_FILE} is not valid JSON ({e}); the export is damaged") from e
+    if not isinstance(meta, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(meta), "null")
+        raise ValueError(
+            f"{folder / META_FILE} holds {kind}, not a JSON object of export fields; the export is damaged — "
+            "export the run again"
+        )
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder / META_FILE} is not a StylEx export (format={meta.get('format')!r})")
     if int(meta.get("version", 0)) > VERSION:

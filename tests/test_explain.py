@@ -400,22 +400,38 @@ def _rgb(pil: Image.Image) -> np.ndarray:
     return np.asarray(pil.convert("RGB")).astype(np.int64)
 
 
-def test_pair_panel_and_gif_frames_show_the_images_with_labels():
+def _tile_of(img: torch.Tensor, scale: int) -> np.ndarray:
+    up = ((img.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int64)
+    return up.repeat(scale, 0).repeat(scale, 1)
+
+
+def test_pair_panel_shows_input_reconstruction_edit_and_change_with_labels():
     torch.manual_seed(0)
     orig = torch.rand(2, 3, 8, 8) * 2 - 1
-    mod = -orig
-    panel = pair_panel(orig, mod, [0.1, 0.2], [0.9, 0.8], ["title"], tile=64)
+    mod = orig.clone()
+    mod[:, :, :4, :4] = -orig[:, :, :4, :4]  # the edit changes the top-left quarter only
+    real = torch.rand(2, 3, 8, 8) * 2 - 1
+    panel = pair_panel(orig, mod, [0.1, 0.2], [0.9, 0.8], ["title"], tile=64, inputs=real, p_inputs=[0.3, 0.4])
     arr = _rgb(panel)
     band = arr.shape[0] - 64
-    # Layout: (orig 64 | 2 | mod 64 | 14 | orig 64 | 2 | mod 64).
-    starts = [0, 66, 144, 210]
-    expected = [orig[0], mod[0], orig[1], mod[1]]
-    for x, img in zip(starts, expected):
-        tile = arr[band:, x : x + 64]
-        up = ((img.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int64)
-        up = up.repeat(8, 0).repeat(8, 1)
-        assert np.array_equal(tile[32:, 32:], up[32:, 32:])  # away from the label: the image itself
-        assert not np.array_equal(tile[:12, :30], up[:12, :30])  # the probability label is drawn
+    # Layout per example: input 64 | 2 | recon 64 | 2 | edited 64 | 2 | change 64 | 14.
+    group = 4 * 64 + 3 * 2 + 14
+    for j in range(2):
+        x0 = j * group
+        tiles = [arr[band:, x0 + t * 66: x0 + t * 66 + 64] for t in range(4)]
+        for tile, img in zip(tiles[:3], [real[j], orig[j], mod[j]]):
+            up = _tile_of(img, 8)
+            assert np.array_equal(tile[32:, 32:], up[32:, 32:])  # away from the label: the image itself
+            assert not np.array_equal(tile[:12, :30], up[:12, :30])  # the probability label is drawn
+        # The change map: black where nothing changed, bright where the edit acted.
+        change = tiles[3]
+        assert change[40:, 40:].max() == 0
+        v = ((mod[j] - orig[j]).abs().mean(0) / 0.5).clamp(0, 1)
+        red = (3 * v).clamp(0, 1)[:4, :4]
+        expect = ((red * 2 - 1 + 1) * 127.5).round().numpy().astype(np.int64).repeat(8, 0).repeat(8, 1)
+        assert np.array_equal(change[24:32, 0:32, 0], expect[24:32, 0:32])
+    # Without real inputs (generated images) a group is render | edited | change.
+    assert pair_panel(orig, mod, [0.1, 0.2], [0.9, 0.8], ["t"], tile=64).width == 2 * (3 * 64 + 2 * 2 + 14) - 14
     frames = toggle_frames(orig, mod, [0.1, 0.2], [0.9, 0.8], ["t"], tile=64)
     assert len(frames) == 2 and frames[0].size == frames[1].size
     assert not np.array_equal(_rgb(frames[0]), _rgb(frames[1]))
@@ -453,6 +469,44 @@ def test_report_files_and_self_contained_html(planted, planted_result, tmp_path)
     assert "src='panels/" not in html and "src='gifs/" not in html
     first_panel = (tmp_path / data["classes"]["pale"]["attributes"][0]["panel"]).read_bytes()
     assert base64.b64encode(first_panel).decode() in html
+
+
+def test_report_shows_real_inputs_run_figures_and_what_columns_mean(planted, planted_result, tmp_path):
+    from stylex.explain.pipeline import read_run_figures
+
+    finder = AttFind(planted.G, planted.C)
+    torch.manual_seed(1)
+    real = torch.rand(planted_result.num_images, 3, planted.G.resolution, planted.G.resolution) * 2 - 1
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({
+        "classifier_metrics": {"val_acc": 0.875, "val_balanced_acc": 0.8},
+        "encoder_fit": {"recon_l1_before": 0.3, "recon_l1_after": 0.125, "agreement_after": 0.96},
+        "val/recon_l1": 0.3, "val/fid": 12.5, "quality": {"feature": "classifier:resnet10t"}}))
+    figures = read_run_figures(tmp_path / "run")
+    # The encoder fit's final figures win over the last validation's.
+    assert figures["recon_l1"] == 0.125 and figures["agreement"] == 0.96 and figures["classifier_val_acc"] == 0.875
+    assert read_run_figures(tmp_path / "nowhere") == {}
+    with_inputs = write_report(tmp_path / "a", planted_result, finder.evaluator, ["pale", "red"], examples=2,
+                               inputs=real, settings={"measure": "prob", "affect_threshold": 0.1},
+                               sections={"run": figures})
+    without = write_report(tmp_path / "b", planted_result, finder.evaluator, ["pale", "red"], examples=2)
+    key = (1, 1)
+    n_examples = len(json.loads(with_inputs.json.read_text())["classes"]["red"]["attributes"][0]["examples"])
+    with Image.open(with_inputs.panels[key]) as a, Image.open(without.panels[key]) as b:
+        # Per example one more tile (the real input, 128 px and a 2 px gap).
+        assert a.width - b.width == n_examples * (128 + 2)
+    page = with_inputs.html.read_text()
+    assert "87.5%" in page and "0.125" in page and "classifier:resnet10t" in page
+    for column in ("mean Δp", "mean effect", "affected", "flips"):
+        assert f"<b>{column}</b>:" in page
+    assert "rises by at least 0.1" in page
+    # The first example tile of a panel is the real input, pixel for pixel away from its label.
+    data = json.loads(with_inputs.json.read_text())
+    first = data["classes"]["red"]["attributes"][0]["examples"][0]
+    arr = _rgb(Image.open(with_inputs.panels[key]))
+    scale = 128 // planted.G.resolution
+    tile = arr[arr.shape[0] - 128:, :128]
+    assert np.array_equal(tile[64:, 64:], _tile_of(real[first], scale)[64:, 64:])
 
 
 # ============================================================================ callback

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "stylex"
 
 # What each part of the package may import (besides itself and the leaves below everything).
-LEAVES = {"stylex.errors", "stylex.utils"}
+LEAVES = {"stylex.errors", "stylex.utils", "stylex.resources"}
 LAYERS = {
     "stylex": set(),  # the package's __init__
     "stylex.errors": set(),
@@ -30,8 +30,11 @@ LAYERS = {
                        "stylex.metrics"},
     "stylex.training": {"stylex.ops", "stylex.networks", "stylex.classifier", "stylex.data", "stylex.export",
                         "stylex.stylespace", "stylex.config", "stylex.metrics"},
-    "stylex.config": {"stylex.training", "stylex.classifier", "stylex.explain"},
-    "stylex.cli": {"stylex.training"},
+    "stylex.dissect": {"stylex.stylespace", "stylex.networks", "stylex.classifier", "stylex.data", "stylex.export",
+                       "stylex.metrics", "stylex.explain"},
+    "stylex.config": {"stylex.training", "stylex.classifier", "stylex.explain", "stylex.dissect"},
+    "stylex.resources": set(),  # where the shipped configs and CUDA sources are
+    "stylex.cli": {"stylex.training", "stylex.config", "stylex.explain", "stylex.dissect"},
 }
 
 

@@ -343,7 +343,7 @@ class FolderDataModule(ImageDataModule):
             resolution=resolution, batch_size=batch_size, num_workers=num_workers,
             seed=seed, hflip=hflip, balanced=balanced,
         )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run logs its whole config once (training.run)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"dataset.{name} must lie in [0, 1), got {value!r}")

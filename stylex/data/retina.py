@@ -187,7 +187,7 @@ class RetinaDataModule(ImageDataModule):
             resolution=resolution, batch_size=batch_size, num_workers=num_workers,
             seed=seed, hflip=hflip, balanced=balanced,
         )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run logs its whole config once (training.run)
         if resize_mode not in ("pad", "resize"):
             raise ValueError(
                 f"dataset.resize_mode must be 'pad' or 'resize', got {resize_mode!r}"

@@ -525,7 +525,7 @@ class SyntheticDataModule(ImageDataModule):
             resolution=resolution, batch_size=batch_size, num_workers=num_workers,
             seed=seed, hflip=hflip, balanced=balanced,
         )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run logs its whole config once (training.run)
         if not 8 <= resolution <= 256:
             raise ValueError(
                 f"the synthetic dataset renders 8 to 256 px, got resolution={resolution}"

@@ -146,7 +146,11 @@ class AttFind:
         trainer_kwargs: dict[str, Any] | None = None,  # Lightning Trainer args for multi-device predict
         images_per_step: int | None = None,  # images per predict step; None = enough for a few full batches
         progress: Callable[[str], None] | None = None,
+        show_progress: bool | None = None,  # progress bars: None = when stderr is a terminal
     ) -> AttFindResult:
+        """Rank the style coordinates of ``flat`` (from :meth:`encode` or :meth:`sample`) by their
+        effect on the classifier: ``result.rankings[c]`` holds class c's top ``top_k``
+        :class:`~stylex.explain.result.Attribute` s (layer, channel, direction, mean effect)."""
         cfg = self.config
         space = self.space
         if flat.ndim != 2 or flat.shape[1] != space.dim:
@@ -176,7 +180,8 @@ class AttFind:
             t = time.perf_counter()
             predictor.phase = "screen"
             step = images_per_step or max(1, self.evaluator.batch_size // 8)
-            outs = run_predict(predictor, ImageSet(flat, None), step, trainer_kwargs)
+            outs = run_predict(predictor, ImageSet(flat, None), step, trainer_kwargs,
+                               desc="AttFind: pre-screening", progress=show_progress)
             logp0, jac = merge_screen(outs, n)
             timings["prescreen"] = time.perf_counter() - t
             estimate = jac.permute(0, 2, 1)[:, :, None, :] * (targets - flat[:, :, None])[..., None]  # [N,S,2,K]
@@ -188,7 +193,8 @@ class AttFind:
         predictor.phase = "effects"
         edits = sum(len(p) for p in pair_lists) / n
         step = images_per_step or max(1, min(n, math.ceil(4 * self.evaluator.batch_size / max(1.0, edits))))
-        outs = run_predict(predictor, ImageSet(flat, pair_lists), step, trainer_kwargs)
+        outs = run_predict(predictor, ImageSet(flat, pair_lists), step, trainer_kwargs,
+                           desc="AttFind: rendering edits", progress=show_progress)
         logp_base, logp = merge_effects(outs, n, s)
         timings["effects"] = time.perf_counter() - t
         result = self.rank(flat, targets, logp_base, logp, top_k, classes, estimate)

@@ -30,7 +30,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from stylex.data.base import spread_indices
 from stylex.explain.attfind import AttFind, AttFindConfig
 from stylex.explain.loggers import log_report
-from stylex.explain.pipeline import explain_and_report, refine_and_compare
+from stylex.explain.pipeline import explain_and_report, read_run_figures, refine_and_compare
 from stylex.explain.report import Report
 from stylex.utils.runs import in_run
 
@@ -149,8 +149,13 @@ class ExplainCallback(pl.Callback):
                 names = [str(n) for n in getattr(pl_module, "class_names", None) or []]
                 names = names or [str(c) for c in range(int(pl_module.num_classes))]
                 settings = {"source": "validation split", "num_images": len(idx), "top_k": self.top_k,
-                            "shift_size": self.config.shift_size, "prescreen": self.config.prescreen,
+                            "shift_size": self.config.shift_size, "measure": self.config.measure,
+                            "affect_threshold": self.config.affect_threshold, "prescreen": self.config.prescreen,
                             "g_steps": int(getattr(pl_module, "g_steps", trainer.global_step))}
+                root = getattr(trainer, "default_root_dir", None)
+                figures = read_run_figures(Path(root)) if root else {}
+                if figures:
+                    sections["run"] = figures
                 report, _ = explain_and_report(
                     finder, flat, out_dir, names, top_k=min(self.top_k, finder.space.dim), flip_k=self.flip_k,
                     examples=self.examples, image_info=info, inputs=images, settings=settings,

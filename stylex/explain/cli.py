@@ -1,4 +1,5 @@
-"""``python explain.py``: explain a trained run's classifier with AttFind.
+"""``stylex-explain`` (``python explain.py`` in a checkout): explain a trained run's classifier
+with AttFind.
 
 Examples::
 
@@ -29,12 +30,32 @@ from stylex.explain.request import ExplainRequest
 EXIT_USAGE = 2
 
 
+PROG = "stylex-explain"  # the console script; ``python explain.py`` passes its own name
+
+EXAMPLES = """\
+examples:
+  %(prog)s --top-k 4                           # the latest run under ./runs
+  %(prog)s --run runs/synthetic/2025-01-01_12-00-00 --classes "DR signs"
+  %(prog)s --checkpoint runs/retina/<ts>/export/model.safetensors --num-images 128
+  %(prog)s --image eye1.png --image eye2.png   # explain given images
+  %(prog)s --ground-truth                      # synthetic data: the factor each attribute changes
+  %(prog)s --refine-steps 100                  # optimise each image's latent first
+  %(prog)s --dissect                           # GAN Dissection of the run (--dissect --help)
+
+The report lands in <run>/explain (--out to change); the last line printed is the path of its
+HTML page. A problem with the input ends with one line, "error: ...", and exit status 2."""
+
+
 # ============================================================================ arguments
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = PROG,  # the program name in the usage line and the examples
+) -> argparse.ArgumentParser:
     d = ExplainRequest()  # the defaults
     p = argparse.ArgumentParser(
-        prog="explain.py",
+        prog=prog,
         description="Explain which attributes a trained StylEx run's classifier uses (AttFind).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--run", type=Path, default=d.run,
@@ -102,9 +123,14 @@ def request_from_args(args: argparse.Namespace) -> ExplainRequest:
 
 
 # ============================================================================ main
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0, or 2 for a problem with the input)."""
-    parser = build_parser()
+def main(
+    argv: Sequence[str] | None = None,  # the options; None: sys.argv[1:]
+    prog: str = PROG,  # how the help names the command: "stylex-explain", "python explain.py"
+) -> int:
+    """Run the command line; returns the exit status (0, or 2 for a problem with the input).
+
+    The ``stylex-explain`` console script, and ``python explain.py`` in a checkout."""
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed its message

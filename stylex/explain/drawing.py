@@ -79,6 +79,18 @@ def row(
     return out
 
 
+def difference_map(
+    before: torch.Tensor,  # [3, R, R] in [-1, 1]
+    after: torch.Tensor,  # [3, R, R] in [-1, 1]
+    full_scale: float = 0.5,  # mean absolute change (in [-1, 1] units) drawn white
+) -> torch.Tensor:  # [3, R, R] in [-1, 1]: black (no change) -> red -> yellow -> white
+    """Where an edit changed the picture: the mean absolute change over the colour channels on a
+    fixed heat scale, so that maps of different edits compare."""
+    v = ((after - before).abs().mean(dim=0) / full_scale).clamp(0, 1)  # [R, R] in [0, 1]
+    heat = torch.stack([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)])
+    return heat * 2 - 1
+
+
 def pair_panel(
     originals: torch.Tensor,  # [E, 3, R, R] renders before the edit, in [-1, 1]
     modified: torch.Tensor,  # [E, 3, R, R] renders after the edit
@@ -86,18 +98,28 @@ def pair_panel(
     p_modified: Sequence[float],  # [E] after
     title: Sequence[str],  # lines of the title band
     tile: int = 128,
+    inputs: torch.Tensor | None = None,  # [E, 3, R, R] the real images the renders reconstruct
+    p_inputs: Sequence[float] | None = None,  # [E] the target probability of the real images
 ) -> Image.Image:
-    """Example pairs side by side, ``original | modified``, a wider gap between pairs, each image
-    labelled with the target-class probability (as in the paper's figures)."""
+    """One group per example, a wider gap between groups: ``input | reconstruction | edited |
+    change`` (``render | edited | change`` for generated images), each image labelled with the
+    target-class probability as in the paper's figures; the change is :func:`difference_map`."""
     e = originals.shape[0]
     assert modified.shape == originals.shape and len(p_original) == len(p_modified) == e, (
         f"{e} originals, {modified.shape[0]} modified images, {len(p_original)}/{len(p_modified)} probabilities"
     )
+    assert inputs is None or inputs.shape == originals.shape, "inputs must match the renders"
+    before = "recon" if inputs is not None else "render"
     tiles, gaps = [], []
     for j in range(e):
-        tiles += [label(to_pil(originals[j], tile), f"before p={p_original[j]:.2f}"),
-                  label(to_pil(modified[j], tile), f"after p={p_modified[j]:.2f}")]
-        gaps += [2, 14]
+        if inputs is not None:
+            p = "" if p_inputs is None else f" p={p_inputs[j]:.2f}"
+            tiles.append(label(to_pil(inputs[j], tile), f"input{p}"))
+            gaps.append(2)
+        tiles += [label(to_pil(originals[j], tile), f"{before} p={p_original[j]:.2f}"),
+                  label(to_pil(modified[j], tile), f"edited p={p_modified[j]:.2f}"),
+                  label(to_pil(difference_map(originals[j], modified[j]), tile), "change")]
+        gaps += [2, 2, 14]
     body = row(tiles, gaps)
     return stack([title_band(body.width, title), body])
 
@@ -109,10 +131,11 @@ def toggle_frames(
     p_modified: Sequence[float],
     title: Sequence[str],
     tile: int = 128,
+    before: str = "reconstruction",  # what the first frame shows: "reconstruction" or "render"
 ) -> list[Image.Image]:
-    """Two frames, all originals then all modified images, for an animation."""
+    """Two frames, all unedited renders then all edited ones, for an animation."""
     frames = []
-    for imgs, ps, tag in ((originals, p_original, "original"), (modified, p_modified, "modified")):
+    for imgs, ps, tag in ((originals, p_original, before), (modified, p_modified, "edited")):
         body = row([label(to_pil(imgs[j], tile), f"p={ps[j]:.2f}") for j in range(imgs.shape[0])], 6)
         frames.append(stack([title_band(body.width, [*title, tag]), body]))
     return frames

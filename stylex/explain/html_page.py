@@ -57,6 +57,48 @@ def _manifold(fr: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _column_legend(measure: str, affect_threshold: float | None) -> str:
+    """One line per column of the attribute tables."""
+    unit = "logit (one class against the rest)" if measure == "logit" else "probability"
+    thr = f"{affect_threshold:g}" if affect_threshold is not None else "the search's affect threshold"
+    lines = [
+        ("coordinate, layer, channel", "the StyleSpace coordinate (a flat index) and the style layer and channel it is."),
+        ("direction", "which end of the coordinate's range the edit moves it to (the min or the max over the "
+                      "explained images)."),
+        ("mean Δp", "the mean change of the class probability when the edit is applied to the images not "
+                    "predicted as the class."),
+        ("mean effect", f"the same change in the search's measure, the {unit}: what AttFind ranked by."),
+        ("affected", f"the share of those images whose class probability rises by at least {thr}."),
+        ("flips", "the share of those images that the classifier then assigns to the class."),
+    ]
+    items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in lines)
+    return f"<details open><summary>What the columns mean</summary><ul class='muted'>{items}</ul></details>"
+
+
+def _run_figures(run: dict[str, Any]) -> str:
+    """The run being explained: the classifier's accuracy and the generator's figures."""
+    rows = []
+    labels = {
+        "classifier_val_acc": "classifier accuracy (validation)",
+        "classifier_val_balanced_acc": "classifier balanced accuracy (validation)",
+        "recon_l1": "reconstruction L1 of validation images (E then G, images in [-1, 1])",
+        "agreement": "agreement: reconstructions given the class of their real image",
+        "fid": "FID of samples", "kid": "KID of samples",
+        "cond_fidelity": "conditioning fidelity: samples classified as the class they were drawn for",
+        "g_steps": "generator steps", "images_seen": "real images seen",
+    }
+    for key, name in labels.items():
+        if run.get(key) is not None:
+            v = run[key]
+            rows.append([name, f"{v:.1%}" if key in ("classifier_val_acc", "classifier_val_balanced_acc",
+                                                     "agreement", "cond_fidelity") else v])
+    if not rows:
+        return ""
+    note = (f"<p class='muted'>FID and KID in {html.escape(run['feature'])} features.</p>"
+            if run.get("feature") else "")
+    return "<h2>The run</h2>" + _table(["figure", "value"], rows) + note
+
+
 def render_html(
     data: dict[str, Any],  # the content of explanation.json
     root: Path,  # the report folder, where the referenced images live
@@ -84,7 +126,12 @@ def render_html(
                f"encoder's latents." if same else ".") + "</p>")
     for w in s.get("warnings", []):
         parts.append(f"<p class='muted'>note: {esc(w)}</p>")
+    if data.get("run"):
+        parts.append(_run_figures(data["run"]))
 
+    if data["classes"]:
+        parts.append(_column_legend(str(data["settings"].get("measure", "prob")),
+                                    data["settings"].get("affect_threshold")))
     for name, cls in data["classes"].items():
         parts.append(f"<h2>Class '{esc(name)}' ({cls['pool_size']} images not predicted as it)</h2>")
         parts.append(_table(
@@ -93,8 +140,9 @@ def render_html(
               a["mean_effect"], a["share_affected"], a["flip_share"]] for a in cls["attributes"]],
         ))
         for a in cls["attributes"]:
+            where = f" — acts on: {esc(str(a['acts_on']))}" if a.get("acts_on") else ""
             parts.append(f"<div class='attr'><b>#{a['rank']}</b> {esc(a['layer'])}[{a['channel']}] "
-                         f"{esc(a['direction'])}<br>")
+                         f"{esc(a['direction'])}{where}<br>")
             parts.append(f"<img alt='panel' src='{data_uri(root / a['panel'])}'> ")
             parts.append(f"<img alt='animation' src='{data_uri(root / a['gif'])}'></div>")
 

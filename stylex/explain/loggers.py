@@ -28,13 +28,14 @@ from typing import Any, Union
 from pytorch_lightning.loggers import Logger
 
 from stylex.explain.report import Report
-from stylex.utils.loggers import log_images, log_table
+from stylex.utils.loggers import log_images, log_table, wandb_identity
 
 log = logging.getLogger(__name__)
 
 ATTRIBUTES_KEY = "explain/attributes"
 PANELS_KEY = "explain/panels"
 FLIP_RATE_KEY = "explain/flip_rate"
+FLIP_RATE_CHART_KEY = "explain/flip_rate_chart"
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,13 @@ def attribute_table(report: Report) -> tuple[list[str], list[list[Any]]]:
     """The ranked attributes of every class as (columns, rows)."""
     columns = ["class", "rank", "coordinate", "layer", "channel", "direction", "mean_probability_change",
                "share_affected", "flip_share"]
+    ranked = [(name, a) for name, cls in report.data["classes"].items() for a in cls["attributes"]]
     rows = [[name, a["rank"], a["coordinate"], a["layer"], a["channel"], a["direction"],
-             a["mean_probability_change"], a["share_affected"], a["flip_share"]]
-            for name, cls in report.data["classes"].items() for a in cls["attributes"]]
+             a["mean_probability_change"], a["share_affected"], a["flip_share"]] for name, a in ranked]
+    if any(a.get("acts_on") for _, a in ranked):  # localised by a dissection
+        columns.append("acts_on")
+        for r, (_, a) in zip(rows, ranked):
+            r.append(a.get("acts_on") or "")
     return columns, rows
 
 
@@ -97,6 +102,25 @@ def wandb_settings(
     return None
 
 
+def training_identity(
+    run_dir: Path,  # the training run
+    lcfg: dict[str, Any],  # its W&B logger settings
+) -> dict[str, str]:
+    """The training run's W&B id and group (as :func:`stylex.training.run.build_loggers` set
+    them), read from its config and folder."""
+    dataset = "dataset"
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        try:
+            import yaml
+
+            dataset = str(((yaml.safe_load(config_file.read_text()) or {}).get("dataset") or {}).get("name", dataset))
+        except Exception:  # an unreadable config: the id falls back to the folder's name alone
+            pass
+    ident = wandb_identity(dataset, run_dir)
+    return {"id": str(lcfg.get("id") or ident["id"]), "group": str(lcfg.get("group") or ident["group"])}
+
+
 def log_to_wandb(
     lcfg: dict[str, Any],  # the run's W&B logger settings (project, entity, offline)
     run_dir: Path,  # the training run; the W&B files go to <run>/logs
@@ -110,9 +134,13 @@ def log_to_wandb(
         os.environ.setdefault("WANDB_SILENT", "true")
         offline = bool(lcfg.get("offline", True)) or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun")
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        ident = training_identity(run_dir, lcfg)
         run = wandb.init(project=lcfg.get("project") or "stylex", entity=lcfg.get("entity"),
                          dir=str(run_dir / "logs"), mode="offline" if offline else "online",
-                         name=f"explain-{run_dir.name}", job_type="explain")
+                         name=f"explain-{run_dir.name}", job_type="explain", group=ident["group"],
+                         tags=list(lcfg.get("tags") or []),
+                         config={"training_run": ident["id"], "training_run_dir": str(run_dir),
+                                 "settings": report.data.get("settings", {})})
         try:
             payload: dict[str, Any] = {}
             for key, item in explanation_items(report).items():
@@ -121,6 +149,12 @@ def log_to_wandb(
                 else:
                     captions = item.captions or [None] * len(item.paths)
                     payload[key] = [wandb.Image(str(p), caption=c) for p, c in zip(item.paths, captions)]
+            fr = report.data.get("flip_rate")
+            if fr:  # a native, interactive chart of the flip-rate curves
+                names = [m for m in ("attfind", "random", "variance") if m in fr]
+                payload[FLIP_RATE_CHART_KEY] = wandb.plot.line_series(
+                    xs=list(fr["k"]), ys=[list(fr[m]) for m in names], keys=names,
+                    title="flip rate against k", xname="k: attributes changed together")
             run.log(payload)
         finally:
             run.finish()

@@ -18,6 +18,7 @@ command line takes its defaults from it). Problems the user can fix raise
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from stylex.explain.loggers import log_to_wandb, wandb_settings
 from stylex.explain.metrics import agreement, sufficiency
 from stylex.explain.refine import refine_latents
 from stylex.explain.request import ExplainRequest, positive
-from stylex.explain.report import Report, write_report
+from stylex.explain.report import Report, run_figures, write_report
 from stylex.explain.result import AttFindResult
 from stylex.metrics.probe import cached_factor_probe
 
@@ -197,7 +198,12 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
     out_dir = req.out or ((run_dir or export_dir.parent) / "explain")
     settings = {"run": str(run_dir or export_dir), "source": "images" if req.images else source,
                 "num_images": int(flat.shape[0]), "top_k": req.top_k, "shift_size": req.shift_size,
-                "measure": req.measure, "prescreen": finder.config.prescreen, "device": str(finder.device)}
+                "measure": req.measure, "affect_threshold": finder.config.affect_threshold,
+                "prescreen": finder.config.prescreen, "device": str(finder.device)}
+    if run_dir is not None:
+        figures = read_run_figures(run_dir)
+        if figures:
+            sections["run"] = figures
     report, result = explain_and_report(
         finder, flat, out_dir, names, top_k=req.top_k, classes=classes, reference=reference,
         flip_k=req.flip_k, examples=req.examples, image_info=info, inputs=inputs, real_images=real_images,
@@ -248,6 +254,19 @@ def refine_and_compare(
     say(f"class rankings after refinement share {section['rankings_vs_encoder']['class_overlap']:.0%} of their "
         f"top-{top_k} with the encoder's")
     return refined, section
+
+
+def read_run_figures(
+    run_dir: Path,  # a training run's folder
+) -> dict[str, Any]:
+    """The run's figures for the top of a report (see :func:`stylex.explain.report.run_figures`),
+    read from its ``summary.json``; empty when the run wrote none (yet) or it is unreadable."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return run_figures(summary) if isinstance(summary, dict) else {}
 
 
 def manifold_lines(

@@ -15,6 +15,7 @@ moved in direction ``d``.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from stylex.explain.evaluator import EffectEvaluator
 from stylex.explain.measures import shift_targets
@@ -111,13 +113,22 @@ def run_predict(
     dataset: ImageSet,
     images_per_step: int,
     trainer_kwargs: dict[str, Any] | None,  # None = a plain loop on the predictor's device
+    desc: str = "AttFind",  # the progress bar's label
+    progress: bool | None = None,  # a progress bar: None = when stderr is a terminal
 ) -> list[dict[str, Any]]:  # the outputs of every predict step, in no particular order
     loader = DataLoader(dataset, batch_size=images_per_step, shuffle=False, collate_fn=collate)
     if trainer_kwargs is None:
-        return [predictor.predict_step(batch, i) for i, batch in enumerate(loader)]
+        outs = []
+        show = sys.stderr.isatty() if progress is None else progress
+        with tqdm(total=len(dataset), desc=desc, unit="img", disable=not show, leave=False) as bar:
+            for i, batch in enumerate(loader):
+                outs.append(predictor.predict_step(batch, i))
+                bar.update(len(batch["index"]))
+        return outs
     with tempfile.TemporaryDirectory(prefix="attfind-") as tmp:
         folder = Path(tmp)
-        kwargs = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        show = sys.stderr.isatty() if progress is None else progress
+        kwargs = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": show,
                   "enable_model_summary": False, **trainer_kwargs}
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), FileGather(folder)]
         kwargs["inference_mode"] = False  # screening needs gradients inside predict_step

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from stylex.explain.drawing import (
+    difference_map,
     label,
     line_plot,
     pair_panel,
@@ -133,20 +134,32 @@ def write_report(
     report = Report(out_dir=out, json=out / JSON_FILE, html=out / HTML_FILE)
 
     # ---- per-class attributes: panels and GIFs
+    real_probs = None
+    if inputs is not None:
+        if inputs.shape[0] != result.num_images:
+            raise ValueError(f"{inputs.shape[0]} input images for {result.num_images} explained images")
+        with torch.no_grad():
+            real_probs = torch.cat([evaluator.classify(inputs[i:i + evaluator.batch_size].to(evaluator.device)).exp().cpu()
+                                    for i in range(0, inputs.shape[0], evaluator.batch_size)])
     classes_json: dict[str, Any] = {}
     for c in result.classes:
         entries = []
         for a in result.rankings[c]:
             idx = example_images(result, a, c, examples)
             orig, mod, p0, p1 = render_attribute(result, evaluator, a, idx, c)
+            real, p_real = None, None
+            if inputs is not None:  # the real images beside their reconstructions
+                real = inputs[idx].cpu()
+                p_real = real_probs[idx, c].tolist()
             heading = [f"class '{names[c]}'  #{a.rank}: {describe(a)}",
                        f"mean change of p({names[c]}): {a.probability_change:+.3f}   "
                        f"affected: {a.share_affected:.0%}   flips: {a.flip_share:.0%}"]
             stem = f"{slug(names[c])}_{a.rank}"
             panel = out / "panels" / f"{stem}.png"
             gif = out / "gifs" / f"{stem}.gif"
-            save_png(panel, pair_panel(orig, mod, p0, p1, heading, tile))
-            save_gif(gif, toggle_frames(orig, mod, p0, p1, heading, tile))
+            save_png(panel, pair_panel(orig, mod, p0, p1, heading, tile, inputs=real, p_inputs=p_real))
+            save_gif(gif, toggle_frames(orig, mod, p0, p1, heading, tile,
+                                        before="reconstruction" if inputs is not None else "render"))
             report.panels[(c, a.rank)], report.gifs[(c, a.rank)] = panel, gif
             entries.append({**a.to_dict(), "examples": idx.tolist(), "panel": _rel(panel, out), "gif": _rel(gif, out)})
         classes_json[names[c]] = {"index": c, "pool_size": int(result.pools[c].numel()), "attributes": entries}
@@ -202,6 +215,30 @@ def write_report(
     return report
 
 
+def run_figures(
+    summary: dict[str, Any],  # a run's summary.json
+) -> dict[str, Any]:
+    """The figures of a training run that a report shows at its top: the classifier's validation
+    accuracy, the reconstruction error and class agreement of the encoder path (after the
+    encoder fit when there was one), and the generator's realism and conditioning figures."""
+    clf = summary.get("classifier_metrics") or {}
+    fit = summary.get("encoder_fit") or {}
+    quality = summary.get("quality") or {}
+    out = {
+        "classifier_val_acc": clf.get("val_acc"),
+        "classifier_val_balanced_acc": clf.get("val_balanced_acc"),
+        "recon_l1": fit.get("recon_l1_after", summary.get("val/recon_l1")),
+        "agreement": fit.get("agreement_after", summary.get("val/agreement")),
+        "fid": summary.get("val/fid"),
+        "kid": summary.get("val/kid"),
+        "cond_fidelity": summary.get("val/cond_fidelity"),
+        "feature": quality.get("feature"),
+        "g_steps": summary.get("g_steps"),
+        "images_seen": summary.get("images_seen"),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
@@ -223,15 +260,20 @@ def _image_panel(
                      for i, d, _ in tops]
     renders = evaluator.space.render(torch.cat(rows).to(evaluator.device), noise_mode=evaluator.noise_mode)
     probs = evaluator.classify(renders).exp()[:, pred].cpu()
-    tiles = []
+    tiles, changes = [], []
     if inputs is not None:
         p_in = float(evaluator.classify(inputs[n : n + 1].to(evaluator.device)).exp()[0, pred])
         tiles.append(label(to_pil(inputs[n], tile), f"input p={p_in:.2f}"))
-    tiles.append(label(to_pil(renders[0].cpu(), tile), f"recon p={float(probs[0]):.2f}"))
-    for j, (i, d, _) in enumerate(tops, start=1):
-        layer, ch = result.space.coordinate(i)
+    tiles.append(label(to_pil(renders[0].cpu(), tile), f"{'recon' if inputs is not None else 'render'} "
+                                                         f"p={float(probs[0]):.2f}"))
+    for j in range(1, len(tops) + 1):
         tiles.append(label(to_pil(renders[j].cpu(), tile), f"#{j} p={float(probs[j]):.2f}"))
+        changes.append(label(to_pil(difference_map(renders[0].cpu(), renders[j].cpu()), tile), f"#{j} change"))
     body = row(tiles, 4)
+    if changes:  # the change map of each edit, under the edit
+        lead = len(tiles) - len(changes)
+        spacer = Image.new("RGB", (sum(t.width + 4 for t in tiles[:lead]) - 4, tiles[0].height), (255, 255, 255))
+        body = stack([body, row([spacer, *changes], 4)], gap=4)
     legend = "  ".join(f"#{j}: {result.space.coordinate(i)[0]}[{result.space.coordinate(i)[1]}] {DIRECTIONS[d]}"
                        for j, (i, d, _) in enumerate(tops, start=1))
     return stack([title_band(body.width, [f"image {n}: predicted '{names[pred]}'", legend], size=12), body])

@@ -21,12 +21,14 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from stylex.utils.io import atomic_write
 
@@ -133,6 +135,7 @@ def _train_factor_probe(resolution, num_train, num_val, epochs, batch_size, lr, 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     probe.train()
+    bar = tqdm(total=steps, desc="factor probe", unit="step", disable=not sys.stderr.isatty(), leave=False)
     for _ in range(epochs):
         order = torch.randperm(num_train, generator=gen)
         for i in range(0, num_train, batch_size):
@@ -142,6 +145,8 @@ def _train_factor_probe(resolution, num_train, num_val, epochs, batch_size, lr, 
             loss.backward()
             opt.step()
             sched.step()
+            bar.update(1)
+    bar.close()
     probe.eval().requires_grad_(False)
     pred = probe.read(xv.to(device)).cpu()
     var = yv.var(0, correction=0).clamp_min(1e-12)

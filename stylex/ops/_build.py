@@ -1,8 +1,8 @@
 """Lazy, cached, once-per-process build of a CUDA extension described by data.
 
 Knows no op. An :class:`ExtensionSpec` names an extension's sources and headers in
-``custom_ops/`` (``$STYLEX_CUSTOM_OPS_DIR`` overrides) and the prefix of its module names; a
-:class:`JitExtension` builds it on first use (never at import) with
+``custom_ops/`` (found by :func:`source_dir`; ``$STYLEX_CUSTOM_OPS_DIR`` overrides) and the
+prefix of its module names; a :class:`JitExtension` builds it on first use (never at import) with
 ``torch.utils.cpp_extension`` and ninja, and caches it in ``$STYLEX_CACHE_DIR`` (default
 ``~/.cache/stylex/ops``) in a folder named by a hash of the sources, the PyTorch, CUDA and
 Python versions, the target architectures and the flags (:meth:`BuildConfig.key`). A changed
@@ -76,9 +76,12 @@ class ExtensionSpec:
 
 
 def source_dir() -> Path:
-    """``custom_ops/`` of the source tree (``$STYLEX_CUSTOM_OPS_DIR`` overrides)."""
+    """The kernels' sources: ``$STYLEX_CUSTOM_OPS_DIR`` when set, else the installed package's
+    ``stylex/resources/custom_ops`` or a checkout's ``custom_ops/`` (:mod:`stylex.resources`)."""
+    from stylex.resources import custom_ops_dir
+
     override = os.environ.get("STYLEX_CUSTOM_OPS_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "custom_ops"
+    return Path(override) if override else custom_ops_dir()
 
 
 def cache_root() -> Path:
@@ -96,7 +99,8 @@ def sources_digest(
         if not path.is_file():
             raise BuildError(
                 f"the CUDA sources are missing: {path} does not exist. The fused ops are built from the "
-                "source tree's custom_ops/ folder; set STYLEX_CUSTOM_OPS_DIR to it or use ops.impl=ref"
+                "custom_ops/ folder of a source checkout (stylex/resources/custom_ops when installed); "
+                "set STYLEX_CUSTOM_OPS_DIR to it, reinstall stylex, or use ops.impl=ref"
             )
         digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

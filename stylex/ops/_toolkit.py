@@ -155,7 +155,8 @@ def preflight() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             raise BuildError(
-                "ninja is not installed (the fused ops are compiled with it): `pip install ninja`, or use ops.impl=ref"
+                "ninja is not installed (the fused ops are compiled with it): `pip install ninja` (or the extra, "
+                "`pip install 'stylex[cuda]'`), or use ops.impl=ref"
             ) from None
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:

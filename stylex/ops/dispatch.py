@@ -16,6 +16,7 @@ through :func:`extension` and never through each other; nothing is built at impo
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -74,13 +75,34 @@ def available(op: str, strict: bool = False) -> bool:
     return EXTENSION.available(strict, f"the fused CUDA kernel for {op}")
 
 
+_warned_cpu = False
+
+
+def _warn_cpu_once(op: str) -> None:
+    global _warned_cpu
+    if not _warned_cpu:
+        _warned_cpu = True
+        warnings.warn(
+            f"ops impl 'cuda' was asked for (ops_impl=cuda or STYLEX_OPS_IMPL=cuda), but {op} got a CPU tensor: "
+            "the fused kernels run only on the GPU, so CPU tensors take the reference implementation. "
+            "Train on a GPU (trainer=gpu), or use ops_impl=auto to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def use_cuda(x: torch.Tensor, impl: str | None, op: str) -> bool:
     """Whether a call on ``x`` takes the fused CUDA path.
 
-    CPU tensors always take the reference path. ``auto`` falls back to the reference (with one
+    CPU tensors always take the reference path (under ``cuda`` too, with one warning per
+    process: the kernels only run on the GPU). ``auto`` falls back to the reference (with one
     warning per process) when the extension cannot be built; ``cuda`` raises instead.
     """
     impl = _check(impl, "impl") if impl is not None else get_default_impl()
-    if impl == "ref" or not x.is_cuda:
+    if impl == "ref":
+        return False
+    if not x.is_cuda:
+        if impl == "cuda":
+            _warn_cpu_once(op)
         return False
     return available(op, strict=(impl == "cuda"))

@@ -9,9 +9,10 @@ the run folder (the trainer's ``default_root_dir``) unless absolute.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -23,7 +24,7 @@ from torchvision.utils import make_grid, save_image
 from stylex.data.base import spread_indices
 from stylex.export import save_export
 from stylex.utils.io import atomic_write, atomic_write_json
-from stylex.utils.loggers import log_images
+from stylex.utils.loggers import is_wandb, log_images
 from stylex.utils.runs import in_run
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,23 @@ log = logging.getLogger(__name__)
 
 class StepCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint set up for a GAN run: every ``every_n_steps`` training steps
-    ``step<NNNNNN>.ckpt`` (the newest ``keep`` kept, -1 = all) and always ``last.ckpt``.
+    ``step<NNNNNN>.ckpt`` (the newest ``keep`` kept, -1 = all) and ``last.ckpt``.
 
     There is no "best" model (a GAN has no validation loss to rank by): the generator step
-    counter is the monitored value, so the newest checkpoints are kept.
+    counter is the monitored value, so the newest checkpoints are kept. A checkpoint of a step
+    that is written again (a run resumed from before it) replaces the old file instead of
+    adding a ``-v1`` copy, and the step checkpoints already in the folder count toward ``keep``
+    whatever the resumed checkpoint remembers of them. The ``last.ckpt`` of the end of training
+    is :class:`FinalCheckpoint`'s, written after the encoder fit.
     """
+
+    STEP_FILE = re.compile(r"^step(\d+)(-v\d+)?\.ckpt$")
 
     def __init__(self, dirpath: str = "checkpoints", every_n_steps: int = 200, keep: int = 3) -> None:
         super().__init__(
             dirpath=None, filename="step{step:06d}", auto_insert_metric_name=False,
             every_n_train_steps=int(every_n_steps), save_top_k=int(keep), monitor="g_step", mode="max",
-            save_last=True, save_on_train_epoch_end=False,
+            save_last=True, save_on_train_epoch_end=False, enable_version_counter=False,
         )
         self._run_dirpath = dirpath
 
@@ -49,6 +56,92 @@ class StepCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = str(in_run(trainer, self._run_dirpath))
         super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._adopt_step_files(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass  # FinalCheckpoint writes the last.ckpt of the end of training
+
+    def _adopt_step_files(self, trainer: pl.Trainer) -> None:
+        """Count the step checkpoints on disk toward ``keep`` (rank zero looks, every rank
+        agrees), and remove the oldest beyond it."""
+        found: list[tuple[int, str]] = []
+        if trainer.is_global_zero and self.dirpath and Path(self.dirpath).is_dir():
+            for path in Path(self.dirpath).iterdir():
+                match = self.STEP_FILE.match(path.name)
+                if match:
+                    found.append((int(match.group(1)), str(path)))
+        found = trainer.strategy.broadcast(sorted(found))
+        self.best_k_models = {path: torch.tensor(float(step)) for step, path in found}
+        self.kth_best_model_path, self.kth_value = "", None
+        self.best_model_path, self.best_model_score = "", None
+        if self.save_top_k >= 0:
+            surplus = len(found) - self.save_top_k
+            for step, path in found[: max(surplus, 0)]:
+                del self.best_k_models[path]
+                log.info("removing %s: callbacks.checkpoint.keep=%d keeps only the newest step checkpoints",
+                         path, self.save_top_k)
+                trainer.strategy.remove_checkpoint(path)
+        if not self.best_k_models:
+            return
+        self.best_model_path = max(self.best_k_models, key=lambda p: float(self.best_k_models[p]))
+        self.best_model_score = self.best_k_models[self.best_model_path]
+        self.kth_best_model_path = min(self.best_k_models, key=lambda p: float(self.best_k_models[p]))
+        self.kth_value = self.best_k_models[self.kth_best_model_path]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # What counts toward ``keep`` is read from the folder at train start, so a run folder
+        # that was moved or copied resumes without Lightning's warning about its old path.
+        super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        # Lightning keeps the file a run resumed from; here it ages out like any other, so
+        # that ``keep`` holds across resumes.
+        if previous == current:
+            return False
+        return Path(self.dirpath).absolute() in Path(previous).absolute().parents
+
+
+class ExceptionCheckpoint(pl.Callback):
+    """When training stops on an exception (a crash, a diverged step, Ctrl-C), writes
+    ``checkpoints/on_exception.ckpt`` with the state at that moment, so that ``resume=<run>``
+    continues from there; a run that ends normally removes it. A failure to write it is logged
+    and the original exception goes on. Under DDP rank zero writes it alone (the other ranks
+    may be stopped elsewhere).
+
+    Lightning's ``OnExceptionCheckpoint`` does the same, but its presence also makes
+    ``trainer.fit`` resume by itself from the newest file in the folder; here the run chooses
+    the checkpoint (see ``stylex.training.run.choose_checkpoint``).
+    """
+
+    def __init__(self, path: str = "checkpoints/on_exception.ckpt") -> None:
+        self.path = Path(path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        path = in_run(trainer, self.path)
+        if trainer.global_step == 0:  # nothing trained yet: nothing to keep
+            return
+        try:
+            if trainer.world_size == 1:
+                trainer.save_checkpoint(path, weights_only=False)
+            elif trainer.is_global_zero:  # no barrier: the other ranks may never reach one
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+            else:
+                return
+        except Exception as e:  # the exception that stopped training is the one to report
+            log.warning("training stopped (%s) and its state could not be saved to %s: %s",
+                        type(exception).__name__, path, e)
+            return
+        log.warning("training stopped at step %d (%s); its state is in %s: resume=%s continues from it",
+                    trainer.global_step, type(exception).__name__, path, trainer.default_root_dir)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning calls teardown only when fit ended normally: an older crash's state is stale.
+        if stage == "fit" and trainer.is_global_zero:
+            in_run(trainer, self.path).unlink(missing_ok=True)
 
 
 def _is_due(pl_module, every: int) -> bool:
@@ -136,7 +229,32 @@ class Exporter(pl.Callback):
             self.export(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self.export(trainer, pl_module)
+        folder = self.export(trainer, pl_module)
+        if folder is not None:
+            log_export_artifact(trainer.loggers, Path(folder), int(trainer.global_step))
+
+
+def log_export_artifact(
+    loggers: Sequence[Any],  # the run's Lightning loggers
+    folder: Path,  # the export folder
+    step: int,
+) -> None:
+    """The export as a W&B artifact of type ``model``, for W&B loggers made with
+    ``log_model=true`` (off by default). Offline, the artifact is stored with the run and syncs
+    with it. A logging failure only warns: the export is on disk already."""
+    for logger in loggers:
+        if not is_wandb(logger) or not getattr(logger, "_log_model", False):
+            continue
+        try:
+            import wandb
+
+            run = logger.experiment
+            artifact = wandb.Artifact(name=f"export-{run.id}", type="model",
+                                      metadata={"g_steps": step, "format": "stylex-export"})
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
+        except Exception as e:
+            log.warning("could not log the export to W&B as an artifact: %s", e)
 
 
 class Throughput(pl.Callback):
@@ -250,7 +368,8 @@ class EncoderFit(pl.Callback):
         log.info("fitting the encoder to the EMA generator (%d steps)", self.steps)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            info = pl_module.fit_encoder_to_ema(_endless(loader), self.steps, lr, check, self.kl_weight)
+            info = pl_module.fit_encoder_to_ema(_endless(loader), self.steps, lr, check, self.kl_weight,
+                                                progress=bool(getattr(trainer, "progress_bar_callback", None)))
         self.result = info
         log.info("encoder fit: reconstruction L1 %.4f -> %.4f, class agreement %.2f -> %.2f, in %.1f s",
                  info["recon_l1_before"], info["recon_l1_after"], info["agreement_before"],

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from stylex.networks import Discriminator, Encoder, Generator
 from stylex.training import losses
@@ -94,7 +95,7 @@ class StylexModule(pl.LightningModule):
             "loss": self.loss_cfg.to_dict(), "optim": dict(optim or {}), "ema_kimg": float(ema_kimg),
             "ema_rampup": ema_rampup, "class_names": class_names, "val_noise_mode": val_noise_mode,
             "info": dict(info or {}),
-        })
+        }, logger=False)  # the run logs its whole resolved config once (stylex.training.run)
 
         self.G = Generator(**generator)
         self.D = Discriminator(**discriminator)
@@ -283,6 +284,7 @@ class StylexModule(pl.LightningModule):
         lr: float,
         check: torch.Tensor,  # [N, 3, R, R] images to measure the reconstruction on
         kl_weight: float = 0.0,  # classifier-KL weight in the fit (see encoder_reconstruction_loss)
+        progress: bool = False,  # a progress bar over the steps
     ) -> dict[str, float]:
         """Train the encoder alone against the frozen EMA generator for ``steps`` steps.
 
@@ -310,13 +312,16 @@ class StylexModule(pl.LightningModule):
         was_training = self.E.training
         self.E.train()
         _requires_grad(self.E, True)
-        with torch.enable_grad():
+        with torch.enable_grad(), tqdm(total=int(steps), desc="encoder fit", unit="step", disable=not progress,
+                                       leave=False) as bar:
             for _ in range(int(steps)):
                 x = next(batches)["image"].to(self.device)
                 loss, _ = self.encoder_reconstruction_loss(x, kl_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
         self.E.train(was_training)
         after = measure()
         return {"steps": int(steps), "kl_weight": float(kl_weight), "check_images": int(check.shape[0]),

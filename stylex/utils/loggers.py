@@ -7,6 +7,7 @@ neither (it holds numbers only). A logging backend must never stop a run: failur
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,6 +16,16 @@ from PIL import Image
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 
 log = logging.getLogger(__name__)
+
+
+def wandb_identity(
+    dataset: str,  # the run's dataset.name
+    run_dir: Path,  # the run folder
+) -> dict[str, str]:
+    """The W&B ``id`` and ``group`` of a training run, a function of its folder: a resumed run
+    continues its W&B run, and explanations and dissections of the run join its group."""
+    name = re.sub(r"[^a-z0-9_-]+", "-", f"{dataset}-{Path(run_dir).name}".lower()).strip("-")
+    return {"id": name, "group": name}
 
 
 def is_wandb(logger: Logger) -> bool:

@@ -1,0 +1,11 @@
+"""GAN Dissection of a StylEx generator (Bau et al., ICLR 2019), tied to AttFind.
+
+- :mod:`stylex.dissect.base`: units (channels of synthesis conv outputs), the segmenter contract;
+- :mod:`stylex.dissect.segmenter`: the synthetic U-Net and user-supplied segmenters;
+  :mod:`stylex.dissect.gradcam`: the classifier's class evidence as concepts;
+- :mod:`stylex.dissect.stats`: streaming quantiles and IoU;
+- :mod:`stylex.dissect.dissection`: which unit draws what (:func:`dissect`);
+- :mod:`stylex.dissect.intervention`: ablation, insertion, ACE, α unit sets, curves, artifacts;
+- :mod:`stylex.dissect.localise`: where AttFind's attributes act;
+- :mod:`stylex.dissect.pipeline` and :mod:`stylex.dissect.report`: a whole run and its report.
+"""

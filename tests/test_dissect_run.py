@@ -1,0 +1,141 @@
+"""The dissection of a whole run: ``stylex-explain --dissect`` on a small random export."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from stylex.classifier import Classifier
+from stylex.cli import explain_main
+from stylex.dissect.base import unit_layers
+from stylex.export import save_export
+from stylex.networks import Encoder, Generator
+from stylex.stylespace import StyleSpace
+
+G_KW = dict(z_dim=8, w_dim=8, c_dim=2, resolution=16, channel_base=128, channel_max=16, mapping_layers=1)
+E_KW = dict(w_dim=8, resolution=16, channel_base=128, channel_max=16)
+FAST = ["--num-images", "16", "--intervention-images", "8", "--encoded-images", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder holding an export of small random networks and nothing else: no data set in
+    its config, so the concepts are the classifier's class evidence."""
+    torch.manual_seed(0)
+    g = Generator(**G_KW).eval().requires_grad_(False)
+    e = Encoder(**E_KW).eval()
+    c = Classifier("resnet10t", 2).freeze()
+    folder = tmp_path_factory.mktemp("dissect") / "runs" / "folder" / "2024-01-01_00-00-00"
+    save_export(folder / "export", g, G_KW, e, E_KW, c, ["healthy", "sick"], extra={"config": {}})
+    return SimpleNamespace(folder=folder, layers=unit_layers(StyleSpace(g)))
+
+
+def test_dissect_writes_its_report_and_marks_where_attributes_act(run, capsys):
+    # An explanation first: its attributes are localised by the dissection.
+    assert explain_main(["--run", str(run.folder), "--top-k", "2", "--num-images", "8", "--flip-k", "0",
+                         "--prescreen", "none", "--source", "generated", "--quiet"]) == 0
+    capsys.readouterr()
+    assert explain_main(["--dissect", "--run", str(run.folder), *FAST]) == 0
+    page = run.folder / "dissect" / "report.html"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(page)
+    data = json.loads((run.folder / "dissect" / "dissection.json").read_text())
+    d = data["dissection"]
+    assert data["concept_source"].startswith("Grad-CAM") and d["concepts"] == ["evidence: healthy", "evidence: sick"]
+    assert list(d["layers"]) == run.layers and d["num_images"] == 16
+    for name, layer in d["layers"].items():  # the bar chart's counts are the interpretable units' labels
+        expected = {}
+        for label, ok in zip(layer["labels"], layer["interpretable"]):
+            if ok:
+                expected[label] = expected.get(label, 0) + 1
+        assert {k: v for k, v in d["counts"][name].items() if v} == expected
+    assert set(data["interventions"]) == set(d["concepts"])
+    for iv in data["interventions"].values():
+        ins = iv["insertion"]
+        assert iv["layer"] in run.layers and ins["successes"] <= ins["trials"]
+        assert ins["success_rate"] is None if ins["trials"] == 0 else ins["success_rate"] == ins["successes"] / ins["trials"]
+        probs = [v["base"] for v in iv["classifier"]["ablation"]["classes"].values()]
+        assert abs(sum(probs) - 1.0) < 1e-4
+    # Every ranked attribute of the explanation now says where it acts, in the JSON and the page.
+    explanation = json.loads((run.folder / "explain" / "explanation.json").read_text())
+    ranked = [a for cls in explanation["classes"].values() for a in cls["attributes"]]
+    assert ranked and all("acts_on" in a for a in ranked)
+    assert len(data["attributes"]["attributes"]) == len(ranked)
+    html = page.read_text()
+    assert "src='montages/" not in html and html.count("data:image/png;base64,") >= 2
+    assert "acts on" in (run.folder / "explain" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("case", ["layer", "num_images", "quantile", "segmenter"])
+def test_dissect_bad_input_is_one_line_exit_2_and_writes_nothing(case, run, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv, message = {
+        "layer": (["--layers", "b16.nope"], "the valid layers are"),
+        "num_images": (["--num-images", "0"], "--num-images must be >= 1"),
+        "quantile": (["--quantile", "1.5"], "--quantile must lie in (0, 1)"),
+        "segmenter": (["--segmenter", str(tmp_path / "missing.pt")], "no such file"),
+    }[case]
+    assert explain_main(["--dissect", "--run", str(run.folder), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert not out.exists()
+    if case == "layer":
+        assert all(layer in lines[0] for layer in run.layers)
+
+
+def test_dissect_callback_dissects_after_fit_and_keeps_the_run_on_failure(tmp_path):
+    from stylex.dissect.callback import DissectCallback
+
+    torch.manual_seed(0)
+    g = Generator(**G_KW).eval().requires_grad_(False)
+    e = Encoder(**E_KW)
+    e.train()
+    c = Classifier("resnet10t", 2).freeze()
+    module = SimpleNamespace(G_ema=g, E=e, classifier=c, class_names=["a", "b"], device=torch.device("cpu"))
+    trainer = SimpleNamespace(datamodule=None, default_root_dir=str(tmp_path), global_step=5, loggers=[])
+    off = DissectCallback()  # the default: off
+    off.on_train_end(trainer, module)
+    assert not (tmp_path / "dissect").exists()
+    cb = DissectCallback(enabled=True, num_images=8, encoded_images=0, intervention_images=4, threads=1,
+                         layers=["b16.conv1"])
+    threads = torch.get_num_threads()
+    cb.on_train_end(trainer, module)
+    assert torch.get_num_threads() == threads and e.training, "thread count and modes must be restored"
+    data = json.loads((tmp_path / "dissect" / "dissection.json").read_text())
+    assert list(data["dissection"]["layers"]) == ["b16.conv1"] and data["dissection"]["num_images"] == 8
+    assert cb.last_report == tmp_path / "dissect" / "report.html" and cb.last_report.is_file()
+    # A failing dissection is logged; the finished run and its earlier report stay as they were.
+    bad = DissectCallback(enabled=True, num_images=8, layers=["nope"])
+    assert bad.dissect(trainer, module) is None
+    assert (tmp_path / "dissect" / "report.html").is_file() and not list(tmp_path.glob(".dissect-*"))
+
+
+def test_dissection_joins_the_training_runs_wandb_group(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    from stylex.utils.loggers import wandb_identity
+
+    torch.manual_seed(0)
+    g = Generator(**G_KW).eval().requires_grad_(False)
+    folder = tmp_path / "runs" / "folder" / "2024-03-03_00-00-00"
+    logger = {"wandb": {"_target_": "pytorch_lightning.loggers.WandbLogger", "project": "stylex", "offline": True}}
+    save_export(folder / "export", g, G_KW, Encoder(**E_KW).eval(), E_KW, Classifier("resnet10t", 2).freeze(),
+                ["healthy", "sick"], extra={"config": {"logger": logger}})
+    calls = []
+
+    class Run:
+        def log(self, payload):
+            calls.append(("log", payload))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: calls.append(("init", kw)) or Run())
+    assert explain_main(["--dissect", "--run", str(folder), "--layers", "b16.conv1", *FAST]) == 0
+    (_, init), (_, payload) = calls
+    assert init["job_type"] == "dissect" and init["group"] == wandb_identity("dataset", folder)["group"]
+    assert {"dissect/units", "dissect/units_per_layer"} <= set(payload)
+    assert any(k.startswith("dissect/ablation/") for k in payload)
