@@ -552,3 +552,15 @@ def test_lesion_scale_grows_the_lesions_and_nothing_else():
         np.testing.assert_array_equal((mask1 == kind).any(axis=(1, 2)), (mask2 == kind).any(axis=(1, 2)))
     with pytest.raises(ValueError, match="lesion_scale must lie in"):
         render_batch(f[:1], 32, lesion_scale=10)
+
+
+def test_a_loaded_image_is_writable_so_torch_takes_it_without_a_warning(tmp_path):
+    import warnings
+
+    path = tmp_path / "leaf.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(path)
+    array = load_image(path, 16)
+    assert array.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The given NumPy array is not writable" would fail here
+        torch.from_numpy(array)

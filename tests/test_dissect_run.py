@@ -95,17 +95,23 @@ def test_dissect_callback_dissects_after_fit_and_keeps_the_run_on_failure(tmp_pa
     e.train()
     c = Classifier("resnet10t", 2).freeze()
     module = SimpleNamespace(G_ema=g, E=e, classifier=c, class_names=["a", "b"], device=torch.device("cpu"))
-    trainer = SimpleNamespace(datamodule=None, default_root_dir=str(tmp_path), global_step=5, loggers=[])
+    val = [{"image": torch.rand(3, 16, 16) * 2 - 1, "label": torch.tensor(i % 2)} for i in range(12)]
+    dm = SimpleNamespace(val_dataset=val, hparams={})
+    trainer = SimpleNamespace(datamodule=dm, default_root_dir=str(tmp_path), global_step=5, loggers=[])
     off = DissectCallback()  # the default: off
     off.on_train_end(trainer, module)
     assert not (tmp_path / "dissect").exists()
-    cb = DissectCallback(enabled=True, num_images=8, encoded_images=0, intervention_images=4, threads=1,
-                         layers=["b16.conv1"])
+    cb = DissectCallback(enabled=True, num_images=8, encoded_images=6, intervention_images=4, threads=1,
+                         layers=["b8.conv1", "b16.conv1"])
     threads = torch.get_num_threads()
     cb.on_train_end(trainer, module)
     assert torch.get_num_threads() == threads and e.training, "thread count and modes must be restored"
     data = json.loads((tmp_path / "dissect" / "dissection.json").read_text())
-    assert list(data["dissection"]["layers"]) == ["b16.conv1"] and data["dissection"]["num_images"] == 8
+    d = data["dissection"]
+    assert list(d["layers"]) == ["b8.conv1", "b16.conv1"] and d["num_images"] == 8 and d["num_encoded"] == 6
+    # The validation images also score the artifact units: FID with the top units ablated and without.
+    art = data["artifacts"]
+    assert art["layer"] == "b16.conv1" and {"plain", "top", "random"} <= set(art["realism"])
     assert cb.last_report == tmp_path / "dissect" / "report.html" and cb.last_report.is_file()
     # A failing dissection is logged; the finished run and its earlier report stay as they were.
     bad = DissectCallback(enabled=True, num_images=8, layers=["nope"])

@@ -432,6 +432,11 @@ def test_pair_panel_shows_input_reconstruction_edit_and_change_with_labels():
         assert np.array_equal(change[24:32, 0:32, 0], expect[24:32, 0:32])
     # Without real inputs (generated images) a group is render | edited | change.
     assert pair_panel(orig, mod, [0.1, 0.2], [0.9, 0.8], ["t"], tile=64).width == 2 * (3 * 64 + 2 * 2 + 14) - 14
+    # More examples than fit a row wrap onto the next one: four examples, two rows of two.
+    four = pair_panel(orig.repeat(2, 1, 1, 1), mod.repeat(2, 1, 1, 1), [0.1] * 4, [0.9] * 4, ["t"], tile=64,
+                      per_row=2)
+    two = pair_panel(orig, mod, [0.1, 0.2], [0.9, 0.8], ["t"], tile=64)
+    assert four.width == two.width and four.height == two.height + 64 + 8
     frames = toggle_frames(orig, mod, [0.1, 0.2], [0.9, 0.8], ["t"], tile=64)
     assert len(frames) == 2 and frames[0].size == frames[1].size
     assert not np.array_equal(_rgb(frames[0]), _rgb(frames[1]))
@@ -638,7 +643,7 @@ def random_export(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "case",
-    ["no_run", "not_export", "training_ckpt", "top_k", "bad_image", "missing_image", "bad_class"],
+    ["no_run", "not_export", "training_ckpt", "top_k", "bad_image", "missing_image", "folder_image", "bad_class"],
 )
 def test_explain_cli_reports_bad_input_without_traceback(case, random_export, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -658,6 +663,7 @@ def test_explain_cli_reports_bad_input_without_traceback(case, random_export, tm
                   f"larger than the number of style coordinates ({random_export.dim})"),
         "bad_image": (["--run", run, "--image", str(fake_png)], "cannot read it as an image"),
         "missing_image": (["--run", run, "--image", str(tmp_path / "nope.png")], "no such file"),
+        "folder_image": (["--run", run, "--image", str(tmp_path)], "is a folder; give image files"),
         "bad_class": (["--run", run, "--classes", "cats"], "unknown class 'cats'"),
     }[case]
     assert main(argv) == 2

@@ -199,6 +199,14 @@ def test_a_resume_with_a_wrong_value_changes_nothing(run):
     assert _snapshot(run) == before
 
 
+def test_resuming_a_run_that_reached_max_steps_says_how_to_continue_and_changes_nothing(run):
+    # Lightning would stop at once and skip the end of training (encoder fit, export, explanation).
+    before = _snapshot(run)
+    with pytest.raises(ConfigError, match=r"at step 20 already, which reaches trainer.max_steps=20; give a larger"):
+        _resume(run)
+    assert _snapshot(run) == before
+
+
 def test_a_short_run_and_its_resume_keep_exactly_one_last_ckpt(tmp_path):
     run = tmp_path / "runs" / "synthetic" / "short"
     train(tiny_cfg(run, "trainer.max_steps=3", "classifier.train.max_epochs=1", "callbacks.quality.enabled=false"))

@@ -78,7 +78,7 @@ def load_image(
     # Crop before resizing: resizing with a box would let the filter reach the cut-off sides.
     image = image.crop((left, top, left + side, top + side))
     image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    out = np.asarray(image, dtype=np.uint8)
+    out = np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on PIL's read-only buffer
     assert out.shape == (resolution, resolution, 3), (path, out.shape)
     return out
 

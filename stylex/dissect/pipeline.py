@@ -182,13 +182,13 @@ def dissect_export(
                      for con in target_concepts(segmenter)}
     timings["intervention"] = time.perf_counter() - t
 
-    artifacts = None
+    artifact_json = None
     if artifacts and real_images is not None:
         t = time.perf_counter()
         layer = layers[len(layers) // 2]
         art = artifact_units(space, styles, layer, real_images.to(device), classifier=clf,
                              count=min(s.artifact_count, unit_counts(space)[layer]), seed=s.seed)
-        artifacts = art.to_json()
+        artifact_json = art.to_json()
         timings["artifacts"] = time.perf_counter() - t
         fid = {k: (v or {}).get("fid") for k, v in art.realism.items()}
         if all(isinstance(v, float) for v in fid.values()):
@@ -210,7 +210,7 @@ def dissect_export(
         "segmenter": _segmenter_record(segmenter),
         "dissection": dis.to_json(),
         "interventions": interventions,
-        "artifacts": artifacts,
+        "artifacts": artifact_json,
         "attributes": attributes,
         "timings": {**timings, "total": time.perf_counter() - t0},
     }
@@ -218,11 +218,19 @@ def dissect_export(
     return data
 
 
-def _probabilities(classifier: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+class _Probabilities(nn.Module):
     """The classifier's class probabilities (a stylex Classifier returns logits)."""
-    def probs(x: torch.Tensor) -> torch.Tensor:
-        return classifier(x).float().softmax(dim=1)
-    return probs
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x).float().softmax(dim=1)
+
+
+def _probabilities(classifier: nn.Module) -> nn.Module:
+    return _Probabilities(classifier)
 
 
 def _segmenter_record(segmenter: Segmenter) -> dict[str, Any]:
@@ -295,7 +303,7 @@ def _intervene(
     say(f"{concept} on {layer}: one unit removes " + ", ".join(
         f"{name} {1 - v:.0%}" for name, v in left.items() if v is not None and math.isfinite(v))
         + (f"; insertion succeeds {ins.success_rate:.0%}" if ins.trials else "; no location to insert at")
-        + "; ablating {len(causal)} units changes "
+        + f"; ablating {len(causal)} units changes "
         + ", ".join(f"p({n}) {d:+.3f}" for n, d in zip(class_names, removed.delta.tolist())))
     return out
 

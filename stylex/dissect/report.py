@@ -192,6 +192,24 @@ def unit_rows(
     return rows[:limit]
 
 
+def best_units(
+    dissection: dict[str, Any],  # Dissection.to_json()
+) -> list[list[Any]]:
+    """Per concept: its best unit over every layer, that unit's IoU, and how many units are
+    labelled with it and interpretable."""
+    out = []
+    for j, concept in enumerate(dissection["concepts"]):
+        best, where = -1.0, ""
+        for name, layer in dissection["layers"].items():
+            for u in range(layer["units"]):
+                v = layer["iou"][u][j] or 0.0
+                if v > best:
+                    best, where = v, f"{name}:{u}"
+        count = sum(per.get(concept, 0) for per in (dissection.get("counts") or {}).values())
+        out.append([concept, where, best, count])
+    return out
+
+
 def render_dissection_html(
     data: dict[str, Any],
     root: Path,  # the report folder (images are read from it)
@@ -221,9 +239,16 @@ def render_dissection_html(
     concepts = d["concepts"]
     parts.append(_table(["layer", *concepts], [[layer, *[per.get(c, 0) for c in concepts]]
                                                for layer, per in counts.items()]))
-    parts.append("<p class='muted'>Most interpretable units (label = the concept of highest IoU; threshold = t_u "
-                 "in the layer's activation units):</p>")
-    parts.append(_table(["unit", "label", "IoU", "threshold"], unit_rows(d)))
+    parts.append(_table(["concept", "best unit", "its IoU", "interpretable units"],
+                        best_units(d)))
+    rows = unit_rows(d)
+    if rows:
+        parts.append("<p class='muted'>Most interpretable units (label = the concept of highest IoU; threshold = "
+                     "t_u in the layer's activation units):</p>")
+        parts.append(_table(["unit", "label", "IoU", "threshold"], rows))
+    else:
+        parts.append(f"<p><b>No unit reaches IoU {d['iou_threshold']:g} with any concept</b>: the generator does not "
+                     "(yet) draw the concepts in a unit-aligned way; the best units per concept are above.</p>")
     for unit, rel in data["files"]["montages"].items():
         parts.append(f"<div><img alt='unit {esc(unit)}' src='{data_uri(root / rel)}'></div>")
     parts.append("<p class='muted'>Montages: the samples where the unit is most active, its region "

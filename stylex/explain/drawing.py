@@ -100,6 +100,7 @@ def pair_panel(
     tile: int = 128,
     inputs: torch.Tensor | None = None,  # [E, 3, R, R] the real images the renders reconstruct
     p_inputs: Sequence[float] | None = None,  # [E] the target probability of the real images
+    per_row: int = 2,  # example groups side by side; more examples wrap onto further rows
 ) -> Image.Image:
     """One group per example, a wider gap between groups: ``input | reconstruction | edited |
     change`` (``render | edited | change`` for generated images), each image labelled with the
@@ -110,7 +111,7 @@ def pair_panel(
     )
     assert inputs is None or inputs.shape == originals.shape, "inputs must match the renders"
     before = "recon" if inputs is not None else "render"
-    tiles, gaps = [], []
+    rows, tiles, gaps = [], [], []
     for j in range(e):
         if inputs is not None:
             p = "" if p_inputs is None else f" p={p_inputs[j]:.2f}"
@@ -120,7 +121,10 @@ def pair_panel(
                   label(to_pil(modified[j], tile), f"edited p={p_modified[j]:.2f}"),
                   label(to_pil(difference_map(originals[j], modified[j]), tile), "change")]
         gaps += [2, 2, 14]
-    body = row(tiles, gaps)
+        if (j + 1) % max(1, per_row) == 0 or j == e - 1:
+            rows.append(row(tiles, gaps))
+            tiles, gaps = [], []
+    body = stack(rows, gap=8)
     return stack([title_band(body.width, title), body])
 
 

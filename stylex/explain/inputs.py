@@ -94,6 +94,9 @@ def load_image_files(
     out = []
     for path in paths:
         path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"--image {path} is a folder; give image files (--image a.png --image b.png, or a "
+                             f"shell glob such as --image {path}/*.png)")
         if not path.is_file():
             raise UsageError(f"--image {path}: no such file")
         try:

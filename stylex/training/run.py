@@ -336,6 +336,14 @@ def apply_resume(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig,
             OmegaConf.update(saved, key, _composed_value(cfg, key, o.value()), merge=False, force_add=True)
     saved.resume = str(cfg.resume)
     ckpt = choose_checkpoint(run_dir, named, option)
+    max_steps = OmegaConf.select(saved, "trainer.max_steps", default=None)
+    if isinstance(max_steps, int) and max_steps > 0:
+        step = _checkpoint_step(ckpt)
+        if step >= max_steps:  # Lightning would stop at once, skipping the end of training
+            raise ConfigError(
+                f"{option}: the run is at step {step} already, which reaches trainer.max_steps={max_steps}; "
+                f"give a larger trainer.max_steps to continue it (e.g. trainer.max_steps={step + max(1, step // 2)})"
+            )
     return saved, run_dir, ckpt
 
 
@@ -621,6 +629,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             lcfg["group"] = lcfg.get("group") or ident["group"]
             lcfg["job_type"] = lcfg.get("job_type") or "train"
             lcfg["resume"] = lcfg.get("resume") or "allow"  # a resumed run continues its W&B run
+            if lcfg.get("offline", True):
+                # Said to wandb.init itself: Lightning's WANDB_MODE variable is not read by a wandb
+                # that an earlier run in this process has set up already.
+                lcfg["mode"] = "offline"
             arch = OmegaConf.select(cfg, "classifier.arch", default=None)
             tags = [str(cfg.dataset.name), str(OmegaConf.select(cfg, "model.name", default="model"))]
             tags += [str(arch)] if arch else []
