@@ -100,7 +100,45 @@ def train_main() -> None:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    args = sys.argv[1:]
+    if args and not any(a.startswith(("-", "hydra.", "+hydra.", "~hydra.")) for a in args):
+        # Plain overrides: compose them once first, so that a value the schemas reject (a typed
+        # loss.*, classifier.* or callbacks.* option, an unknown group option) gets the project's
+        # one-line error and exit status 2 instead of Hydra's report (exit 1). Hydra's flags
+        # (--help, --cfg, -m sweeps) and its own hydra.* settings go to Hydra unchanged.
+        try:
+            compose_config(args)
+        except Exception as e:
+            line = config_error_line(e)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
     hydra.main(version_base="1.3", config_path=str(folder), config_name=CONFIG_NAME)(run_training)()
+
+
+def config_error_line(
+    error: BaseException,  # what composing the command line's overrides raised
+) -> str | None:  # one line for the user; None when it is no configuration error
+    """Hydra's and OmegaConf's composition errors as one line naming the override."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(error, (HydraException, OmegaConfBaseException)):
+        return None
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        detail = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+        if len(lines) > 1:  # Hydra's own hint (e.g. "To append to your config use +key=value") first
+            return " ".join(lines) + f" ({detail[0]})"
+        head = lines[0].removeprefix("Error merging override ") if lines else ""
+        return f"{head}: {detail[0]}" + (f" ({detail[1]})" if len(detail) > 1 and "full_key" in detail[1] else "")
+    if "Config search path" in str(error):  # an unknown group option: keep the options Hydra lists
+        text = str(error).split("Config search path")[0]
+        parts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return f"{parts[0]}; " + " ".join(parts[1:2]).rstrip(":") + ": " + ", ".join(parts[2:])
+    return "; ".join(lines[:2])
 
 
 def explain_main(

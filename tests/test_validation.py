@@ -239,7 +239,14 @@ def test_threads_option_is_applied_and_not_passed_to_the_trainer(tmp_path, monke
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(run_mod.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(run_mod.torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(run_mod.os, "getloadavg", lambda: (0.3, 0.3, 0.3))
     assert run_mod.cpu_threads(auto) == 4  # 8 CPUs shared by the 2 processes of this machine
+    # A busy machine: other work keeps 6 of the 8 CPUs running, so the process takes the 2 left
+    # (two processes of 2 threads on 2 cores ran ten times slower than with 1 thread each).
+    monkeypatch.setattr(run_mod.os, "getloadavg", lambda: (5.6, 3.0, 1.0))
+    assert run_mod.cpu_threads(auto) == 2
+    monkeypatch.setattr(run_mod.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert run_mod.cpu_threads(auto) == 1
 
 
 def test_training_runs_with_the_threads_it_was_given(tmp_path, monkeypatch):
@@ -271,6 +278,9 @@ def _train_py(args, cwd, timeout=240):
     ("model.batch_size=abc", "model.batch_size must be a whole number"),
     ("ops_impl=fast", "ops_impl='fast' is not one of"),
     ("model.resolution=48", "model.resolution must be a power of two"),
+    # Rejected by the schemas while Hydra composes the config: still our line and status.
+    ("loss.r1_gamma=abc", "loss.r1_gamma=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    ("dataset=nope", "Could not find 'dataset/nope'; Available options in 'dataset': folder, retina, synthetic"),
 ])
 def test_train_py_refuses_wrong_values_in_one_line_with_status_2(tmp_path, override, message):
     proc = _train_py(TINY + [override], tmp_path)
