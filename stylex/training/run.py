@@ -599,10 +599,11 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def cpu_threads(cfg: DictConfig) -> int | None:
     """Intra-op CPU threads for this process: ``trainer.threads``, or when it is null (the
     default) the CPUs this process may run on divided by the processes the run starts on this
-    machine, less the CPUs other work keeps busy (the 1-minute load average), never more than
-    PyTorch's own choice; None leaves PyTorch as it is (when ``OMP_NUM_THREADS`` is set, PyTorch
-    follows it). Measured on 2 cores: two training processes of 2 threads each took 22 s a step
-    where each alone takes 2.2 s; at 1 thread each they took 2.6 s."""
+    machine, never more than PyTorch's own choice; None leaves PyTorch as it is (when
+    ``OMP_NUM_THREADS`` is set, PyTorch follows it). Other work on the machine is not guessed at
+    (a load average would count this very process too): measured on 2 cores, two training
+    processes of 2 threads each took 22 s a step where each alone takes 2.2 s, and 2.6 s at 1
+    thread each, so the README tells users of a shared machine to set ``trainer.threads=1``."""
     threads = cfg.trainer.get("threads")
     if threads is not None:
         return int(threads)
@@ -615,12 +616,7 @@ def cpu_threads(cfg: DictConfig) -> int | None:
     devices = cfg.trainer.get("devices")
     local = devices if isinstance(devices, int) and devices > 0 else len(devices) if isinstance(devices, Sequence) \
         and not isinstance(devices, str) and len(devices) else 1
-    free = cpus
-    try:
-        free = cpus - int(round(os.getloadavg()[0]))  # runnable threads of the machine's other work
-    except (AttributeError, OSError):
-        pass
-    return max(1, min(torch.get_num_threads(), cpus // local, free))
+    return max(1, min(torch.get_num_threads(), cpus // local))
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
