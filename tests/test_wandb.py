@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from omegaconf import OmegaConf
 
 from helpers import tiny_cfg
@@ -15,6 +16,16 @@ from stylex.training.callbacks import log_export_artifact
 from stylex.classifier import Classifier
 from stylex.training.run import build_datamodule, build_loggers, build_module
 from stylex.utils.loggers import wandb_identity
+
+
+@pytest.fixture(autouse=True)
+def _no_run_left_open():
+    """Building a W&B logger starts its (offline) run: end it, so that the next test's logger
+    does not join it."""
+    yield
+    import wandb
+
+    wandb.finish()
 
 
 def test_a_training_run_has_a_stable_id_group_tags_and_job_type(tmp_path):
@@ -26,6 +37,10 @@ def test_a_training_run_has_a_stable_id_group_tags_and_job_type(tmp_path):
     assert init["id"] == ident["id"] == "synthetic-2024-01-01_00-00-00" and init["group"] == ident["group"]
     assert init["job_type"] == "train" and init["resume"] == "allow"
     assert init["tags"] == ["synthetic", "cpu32", "resnet10t"]
+    # log_model=true works offline: the export becomes an artifact that syncs with the run, and
+    # Lightning's own log_model (checkpoints, refused offline) stays off.
+    (logger,) = build_loggers(tiny_cfg(run_dir, "logger=wandb", "logger.wandb.log_model=true"), run_dir)
+    assert logger.log_export is True and not logger._log_model and init["mode"] == "offline"
     # A user's own group and tags are kept.
     cfg = tiny_cfg(run_dir, "logger=wandb", "+logger.wandb.group=mine", "+logger.wandb.tags=[extra]")
     (logger,) = build_loggers(cfg, run_dir)
@@ -91,7 +106,7 @@ def test_the_export_is_a_model_artifact_only_with_log_model(tmp_path):
 
     class Logger(WandbLogger):
         def __init__(self, log_model):
-            self._log_model, self.run = log_model, _Run()
+            self.log_export, self.run = log_model, _Run()
 
         @property
         def experiment(self):
@@ -104,3 +119,15 @@ def test_the_export_is_a_model_artifact_only_with_log_model(tmp_path):
     assert artifact.type == "model" and "step-40" in aliases
     assert sorted(artifact.manifest.entries) == [
         "model.safetensors", "stylex.json"]
+
+
+def test_an_offline_run_with_log_model_stores_the_export_artifact_with_the_run(tmp_path):
+    from stylex.training.run import train
+
+    run_dir = tmp_path / "runs" / "synthetic" / "offline"
+    train(tiny_cfg(run_dir, "logger=wandb", "logger.wandb.log_model=true", "trainer.max_steps=2",
+                   "classifier.train.max_epochs=1", "callbacks.quality.enabled=false"))
+    (record,) = (run_dir / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    data = record.read_bytes()  # the run's records, synced later by `wandb sync`
+    ident = wandb_identity("synthetic", run_dir)
+    assert f"export-{ident['id']}".encode() in data and b"stylex.json" in data and b"model.safetensors" in data

@@ -243,7 +243,7 @@ def log_export_artifact(
     ``log_model=true`` (off by default). Offline, the artifact is stored with the run and syncs
     with it. A logging failure only warns: the export is on disk already."""
     for logger in loggers:
-        if not is_wandb(logger) or not getattr(logger, "_log_model", False):
+        if not is_wandb(logger) or not getattr(logger, "log_export", False):
             continue
         try:
             import wandb

@@ -640,6 +640,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             tags = [str(cfg.dataset.name), str(OmegaConf.select(cfg, "model.name", default="model"))]
             tags += [str(arch)] if arch else []
             lcfg["tags"] = list(dict.fromkeys([*tags, *(lcfg.get("tags") or [])]))
+            # log_model: the export goes up as an artifact (training.callbacks.log_export_artifact),
+            # offline too; Lightning's own log_model (checkpoints, online only) stays off.
+            log_export = bool(lcfg.pop("log_model", False))
+            logger = instantiate(lcfg, save_dir=str(run_dir / "logs"))
+            logger.log_export = log_export
+            loggers.append(logger)
+            continue
         loggers.append(instantiate(lcfg, save_dir=str(run_dir / "logs")))
     for logger in loggers:  # the resolved config, once (the module and data modules log none)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
