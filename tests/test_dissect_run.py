@@ -145,3 +145,20 @@ def test_dissection_joins_the_training_runs_wandb_group(tmp_path, monkeypatch, c
     assert init["job_type"] == "dissect" and init["group"] == wandb_identity("dataset", folder)["group"]
     assert {"dissect/units", "dissect/units_per_layer"} <= set(payload)
     assert any(k.startswith("dissect/ablation/") for k in payload)
+
+
+def test_a_report_folder_is_published_whole_or_not_at_all(tmp_path):
+    from stylex.utils.io import atomic_folder
+
+    out = tmp_path / "dissect"
+    out.mkdir()
+    (out / "old.txt").write_text("earlier report")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(out) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dissect"] and (out / "old.txt").is_file()
+    with atomic_folder(out) as tmp:
+        (tmp / "report.html").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["report.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dissect"]

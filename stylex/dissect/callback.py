@@ -8,8 +8,6 @@ turns it on; ``python explain.py --dissect`` does the same on a finished run.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from stylex.data.base import spread_indices
 from stylex.data.synthetic import SyntheticDataModule
+from stylex.utils.io import atomic_folder
 from stylex.utils.runs import in_run
 
 log = logging.getLogger(__name__)
@@ -98,19 +97,11 @@ class DissectCallback(pl.Callback):
                 exp = SimpleNamespace(generator=g, encoder=pl_module.E, classifier=pl_module.classifier,
                                       class_names=names)
                 explanation = in_run(trainer, "explain") / "explanation.json"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-                try:
+                with atomic_folder(out) as tmp:
                     dissect_export(exp, tmp, segmenter, self.settings, real_images=real,
                                    explanation=explanation if explanation.is_file() else None,
                                    device=pl_module.device, say=log.info, artifacts=self.artifacts,
                                    title=f"StylEx dissection after {int(trainer.global_step)} steps")
-                    if out.exists():
-                        shutil.rmtree(out)
-                    tmp.rename(out)
-                finally:
-                    if tmp.exists():
-                        shutil.rmtree(tmp, ignore_errors=True)
         finally:
             for m, mode in was.items():
                 m.train(mode)

@@ -7,14 +7,13 @@ report behind.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from stylex.errors import UsageError
+from stylex.utils.io import atomic_folder
 
 Say = Callable[[str], None]
 
@@ -62,19 +61,11 @@ def dissect_run(
         base = run_dir or export_dir.parent
         out = Path(args.out) if args.out else base / "dissect"
         explanation = base / "explain" / "explanation.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
+        with atomic_folder(out) as tmp:
             data = dissect_export(exp, tmp, segmenter, settings, real_images=real,
                                   explanation=explanation if explanation.is_file() else None, device=device,
                                   say=say, title=f"StylEx dissection of {base.name}",
                                   artifacts=not args.no_artifacts)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     except ValueError as e:  # bad layers, a segmenter that does not fit, bad settings
         raise UsageError(str(e)) from e
     finally:

@@ -36,6 +36,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary folder beside ``path``; on success it takes the place of ``path`` (a
+    previous folder there is removed first). On an exception the temporary folder is removed and
+    a previous ``path`` is left untouched: a reader never finds a half-written folder."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> None:
     """Call ``writer(tmp_path)`` and publish the file atomically as ``path``."""
     with atomic_path(path) as tmp:
