@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prescreen", default="32", help="candidates per class, or 'none' for the exhaustive search")
     ap.add_argument("--flip-k", type=int, default=10)
     ap.add_argument("--measure", choices=("prob", "logit"), default="prob", help="AttFind's effect measure")
+    ap.add_argument("--shift-size", type=float, default=AttFindConfig.shift_size,
+                    help="fraction of the way to a coordinate's min/max each edit moves (explain.py --shift-size)")
     ap.add_argument("--refine-steps", type=int, default=0,
                     help="refine each image's latent for N steps before the search (explain.py --refine-steps)")
     ap.add_argument("--probe-train", type=int, default=2048, help="synthetic scenes the factor probe learns from")
@@ -120,8 +122,8 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
         raise SystemExit(f"{run} was not trained on the synthetic dataset: there is no ground truth to compare with")
     t0 = time.perf_counter()
     prescreen = None if args.prescreen == "none" else int(args.prescreen)
-    finder = AttFind(exp.generator, exp.classifier, AttFindConfig(prescreen=prescreen, measure=args.measure),
-                     device=device)
+    finder = AttFind(exp.generator, exp.classifier,
+                     AttFindConfig(prescreen=prescreen, measure=args.measure, shift_size=args.shift_size), device=device)
     images, _ = validation_images(config, args.num_images, exp.resolution)
     flat = finder.encode(exp.encoder, images)
     refinement = None
@@ -147,7 +149,7 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     names = exp.class_names
     out = {
         "run": str(run), "g_steps": exp.meta.get("g_steps"), "images": result.num_images,
-        "stable_images": int(result.stable.sum()), "attfind_mode": result.mode, "measure": args.measure,
+        "stable_images": int(result.stable.sum()), "attfind_mode": result.mode, "measure": args.measure, "shift_size": args.shift_size,
         "attfind_seconds": result.seconds, "probe_seconds": t_probe,
         "classifier_metrics": exp.meta.get("classifier_metrics"), "refinement": refinement,
         "ground_truth": gt.to_dict(names), "flip_rate": suff.to_dict(),

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from dissect_fixtures import RES, UNITS, PlantedGenerator, SquareClassifier, SquareSegmenter, square_mask
 
+from stylex.dissect import artifacts, edits
 from stylex.dissect import intervention as iv
 from stylex.stylespace import StyleSpace
 
@@ -98,16 +99,16 @@ def test_region_ablation_changes_only_the_region(space, flat):
     region = torch.zeros(RES, RES, dtype=torch.bool)
     region[2:8, 3:9] = True  # overlaps the square's corner
     plain = space.render(flat)
-    ablated = iv.render_intervened(space, flat, LAYER, list(range(UNITS)), region=region, batch_size=16)
+    ablated = edits.render_intervened(space, flat, LAYER, list(range(UNITS)), region=region, batch_size=16)
     assert torch.equal(ablated[..., ~region], plain[..., ~region])
     assert not torch.equal(ablated[..., region], plain[..., region])
-    with space.trace(edit=iv.ablation_edit(space, LAYER, [0, 2], region=region)):
+    with space.trace(edit=edits.ablation_edit(space, LAYER, [0, 2], region=region)):
         traced = space.render(flat)
     assert torch.equal(traced[..., ~region], plain[..., ~region])
 
     per_image = torch.zeros(flat.shape[0], RES, RES, dtype=torch.bool)
     per_image[::2, :8, :8] = True  # every other image only
-    ablated = iv.render_intervened(space, flat, LAYER, list(range(UNITS)), region=per_image, batch_size=10)
+    ablated = edits.render_intervened(space, flat, LAYER, list(range(UNITS)), region=per_image, batch_size=10)
     assert torch.equal(ablated[1::2], plain[1::2])
     assert torch.equal(ablated[::2][..., 8:, :], plain[::2][..., 8:, :])
 
@@ -119,9 +120,9 @@ def test_soft_ablation_with_one_hot_alpha_equals_hard_ablation(space, flat):
         alpha = torch.zeros(UNITS)
         alpha[u] = 1.0
         for r in (None, region):
-            with space.trace(edit=iv.soft_edit(space, LAYER, alpha, region=r)):
+            with space.trace(edit=edits.soft_edit(space, LAYER, alpha, region=r)):
                 soft = space.render(flat)
-            with space.trace(edit=iv.ablation_edit(space, LAYER, [u], region=r)):
+            with space.trace(edit=edits.ablation_edit(space, LAYER, [u], region=r)):
                 hard = space.render(flat)
             assert torch.equal(soft, hard)
 
@@ -129,8 +130,8 @@ def test_soft_ablation_with_one_hot_alpha_equals_hard_ablation(space, flat):
 def test_resized_regions():
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :2, :3] = 1.0
-    near = iv.fit_mask(mask, (4, 4), "nearest")
-    area = iv.fit_mask(mask, (4, 4), "area")
+    near = edits.fit_mask(mask, (4, 4), "nearest")
+    area = edits.fit_mask(mask, (4, 4), "area")
     assert set(near.unique().tolist()) <= {0.0, 1.0}
     assert area[0, 0, 0, 1] == pytest.approx(0.5)  # half of that cell's pixels are inside
     assert area[0, 0, 0, 0] == 1.0 and area[0, 0, 1, 0] == 0.0
@@ -162,7 +163,7 @@ def test_inserting_the_square_unit_draws_the_square_at_a_location(space, w, flat
     region = torch.zeros(RES, RES, dtype=torch.bool)
     region[11:14, 1:4] = True
     plain = space.render(flat[absent])
-    with space.trace(edit=iv.insertion_edit(space, LAYER, [0], k[:1], region=region)):
+    with space.trace(edit=edits.insertion_edit(space, LAYER, [0], k[:1], region=region)):
         painted = space.render(flat[absent])
     assert bool((painted[:, 0][:, region] > 0.2).all())
     assert torch.equal(painted[..., ~region], plain[..., ~region])
@@ -254,7 +255,7 @@ def test_artifact_unit_ranks_first(space):
     fake_w = latents(48, 2)
     fake_w[:, 3] = 3.0 + fake_w[:, 3].abs()  # generated ones: decoy 3 paints strongly everywhere
     real = space.render(space.flat_styles(real_w, None))
-    result = iv.artifact_units(space, space.flat_styles(fake_w, None), LAYER, real, classifier=GreenStatistics(),
+    result = artifacts.artifact_units(space, space.flat_styles(fake_w, None), LAYER, real, classifier=GreenStatistics(),
                                count=1, random_draws=3, score_images=32, batch_size=32, progress=False)
     assert result.ranking()[0] == 3 and result.top == [3]
     assert result.score[3] > 0
@@ -271,17 +272,17 @@ def test_clear_errors(space, flat):
     with pytest.raises(ValueError, match="out of range"):
         iv.average_causal_effect(space, flat, LAYER, [UNITS], seg, progress=False)
     with pytest.raises(ValueError, match="out of range"):
-        iv.ablation_edit(space, LAYER, [-1])
+        edits.ablation_edit(space, LAYER, [-1])
     with pytest.raises(ValueError, match="repeat"):
-        iv.ablation_edit(space, LAYER, [1, 1])
+        edits.ablation_edit(space, LAYER, [1, 1])
     with pytest.raises(ValueError, match="unit layer"):
-        iv.ablation_edit(space, "b16.torgb", [0])
+        edits.ablation_edit(space, "b16.torgb", [0])
     with pytest.raises(ValueError, match="region must have shape"):
-        iv.ablation_edit(space, LAYER, [0], region=torch.ones(8, 8, dtype=torch.bool))
+        edits.ablation_edit(space, LAYER, [0], region=torch.ones(8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="region must have shape"):
-        iv.render_intervened(space, flat, LAYER, [0], region=torch.ones(2, 3, RES, RES, dtype=torch.bool))
+        edits.render_intervened(space, flat, LAYER, [0], region=torch.ones(2, 3, RES, RES, dtype=torch.bool))
     with pytest.raises(ValueError, match="one mask per image"):
-        iv.render_intervened(space, flat, LAYER, [0], region=torch.ones(3, RES, RES, dtype=torch.bool))
+        edits.render_intervened(space, flat, LAYER, [0], region=torch.ones(3, RES, RES, dtype=torch.bool))
     with pytest.raises(ValueError, match="unknown concept 'circle'"):
         iv.average_causal_effect(space, flat, LAYER, [0], seg, "circle", progress=False)
     with pytest.raises(ValueError, match="unknown concept"):
@@ -289,9 +290,9 @@ def test_clear_errors(space, flat):
     with pytest.raises(ValueError, match="styles must be"):
         iv.unit_effects(space, flat[:, :5], LAYER, seg, progress=False)
     with pytest.raises(ValueError, match="alpha must be"):
-        iv.soft_edit(space, LAYER, torch.ones(3))
+        edits.soft_edit(space, LAYER, torch.ones(3))
     with pytest.raises(ValueError, match="resize"):
-        iv.ablation_edit(space, LAYER, [0], resize="bicubic")
+        edits.ablation_edit(space, LAYER, [0], resize="bicubic")
     with pytest.raises(ValueError, match="locations"):
         iv.insert_at_locations(space, flat, LAYER, [0], 1.0, seg, "square", torch.tensor([[RES, 0]]), progress=False)
     with pytest.raises(ValueError, match="not probabilities"):
@@ -314,17 +315,17 @@ def test_batched_sweep_with_prefix_reuse_matches_plain_renders():
     with torch.no_grad():
         space.render(flat[:1], cache=cache)
     assert layer in cache  # the sweep takes the resumed path
-    width = iv.layer_width(space, layer)
-    assert iv.layer_resolution(space, layer, flat) == (8, 8)
+    width = edits.layer_width(space, layer)
+    assert edits.layer_resolution(space, layer, flat) == (8, 8)
     alpha = torch.eye(width)
     region = torch.zeros(1, 1, 16, 16)
     region[..., 4:12, 2:10] = 1.0
     for masks in (None, region.expand(width, 1, 16, 16)):
-        _, out = iv._sweep(space, flat, layer, alpha, torch.zeros_like(alpha), masks,
+        _, out = edits.sweep(space, flat, layer, alpha, torch.zeros_like(alpha), masks,
                            lambda img, *_: img, None, "area", 7, False, "")
         for u in (0, width // 2, width - 1):
             r = None if masks is None else region[0, 0]
-            with torch.no_grad(), space.trace(edit=iv.ablation_edit(space, layer, [u], region=r, resize="area")):
+            with torch.no_grad(), space.trace(edit=edits.ablation_edit(space, layer, [u], region=r, resize="area")):
                 want = space.render(flat)
             assert torch.allclose(out[u], want, atol=1e-5)
     effect = iv.classifier_effect(space, flat, layer, [0, 1], lambda x: torch.softmax(x.mean(dim=(2, 3)), dim=1),

@@ -123,6 +123,19 @@ def test_online_wandb_without_credentials_leaves_no_run_folder(tmp_path, monkeyp
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("held", ["checkpoints/last.ckpt", "export/stylex.json"])
+def test_a_new_run_is_refused_in_a_folder_that_holds_another_run(tmp_path, held):
+    run_dir = tmp_path / "runs" / "synthetic" / "taken"
+    kept = run_dir / held
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"an earlier run's weights")
+    with pytest.raises(ConfigError, match=r"already holds a run .*resume=") as info:
+        train(tiny_cfg(run_dir))
+    assert f"run_dir={run_dir}" in str(info.value) and "\n" not in str(info.value)
+    assert kept.read_bytes() == b"an earlier run's weights"
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()) == [held]
+
+
 def test_a_runs_root_that_is_a_file_is_refused(tmp_path):
     blocker = tmp_path / "runs_file"
     blocker.write_text("not a folder")

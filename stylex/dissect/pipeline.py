@@ -34,9 +34,9 @@ import torch.nn as nn
 
 from stylex.dissect.base import Segmenter, check_layers, unit_counts
 from stylex.dissect.dissection import Dissection, dissect, encoder_latents, noise_latents
+from stylex.dissect.artifacts import artifact_units
 from stylex.dissect.intervention import (
     ablation_curve,
-    artifact_units,
     classifier_effect,
     insert_at_locations,
     optimise_unit_set,

@@ -465,11 +465,21 @@ def _check_loggers(cfg: DictConfig) -> None:
             _check_wandb(lcfg)
 
 
-def _check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
+def _check_run_folder(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> None:
     """The run folder can be made and written: the nearest folder that exists on its path is a
-    folder, and writable."""
+    folder, and writable. A new run never starts in a folder that holds another run's generator
+    checkpoints or export (it would overwrite them); a classifier trained there is reused."""
     option = "run_dir" if cfg.get("run_dir") else "resume" if cfg.get("resume") else "runs_root"
     given = cfg.get(option) if option != "resume" else str(run_dir)
+    if not resuming and is_rank_zero() and run_dir.is_dir():
+        held = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("*.ckpt")) if (run_dir / CHECKPOINTS).is_dir() else []
+        held += ["export"] if (run_dir / "export").is_dir() else []
+        if held:
+            raise ConfigError(
+                f"{option}={given}: {run_dir} already holds a run ({', '.join(held[:3])}"
+                f"{', ...' if len(held) > 3 else ''}), which a new run would overwrite; continue it with "
+                f"resume={run_dir}, or give a run_dir= that is new"
+            )
     probe = run_dir
     while not probe.exists() and probe != probe.parent:
         if probe.is_symlink():  # a dangling link: mkdir would fail on it
@@ -857,7 +867,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, overrides: Sequenc
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     loss, classifier_cfg, callbacks = check(cfg)
-    _check_run_folder(cfg, run_dir)
+    _check_run_folder(cfg, run_dir, resuming=ckpt is not None)
     ops.set_default_impl(str(cfg.get("ops_impl", "auto")))
     threads = cpu_threads(cfg)
     if threads is not None:
