@@ -528,16 +528,34 @@ def render_intervened(
     progress: bool = False,
 ) -> torch.Tensor:  # [N, 3, R, R] in [-1, 1], on the CPU
     """Render ``styles`` with ``units`` ablated (``values=None``) or set to ``values``."""
+    _, images = sweep_unit_set(space, styles, layer, units, values, region, resize, lambda img, g, n: img.float(),
+                               None, batch_size, progress, f"rendering {layer}")
+    return images[0]
+
+
+def sweep_unit_set(
+    space: StyleSpace,
+    styles: torch.Tensor,  # [N, S] flat styles
+    layer: str,  # a unit layer
+    units: Sequence[int] | torch.Tensor,  # the one unit set intervened on
+    values: float | Sequence[float] | torch.Tensor | None,  # None = ablation; scalar, [U] or [C]
+    region: torch.Tensor | None,  # [R, R] or [N, R, R] at image resolution; None = everywhere
+    resize: str,
+    measure: Measure,  # applied to the intervened images
+    base_measure: Measure | None,  # applied to the plain images (None = not measured)
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> tuple[torch.Tensor | None, torch.Tensor]:  # sweep's (base, [1, ...] intervened)
+    """:func:`sweep` over a single unit set, with every argument checked."""
     styles = check_styles(space, styles)
     idx = check_units(space, layer, units)
     width = layer_width(space, layer)
     check_resize(resize)
     k = unit_values(values, idx, width)
     masks = None if region is None else check_region(region, image_resolution(space), styles.shape[0])[None]
-    _, images = sweep(space, styles, layer, one_hot_sets([idx], width), k[None], masks,
-                       lambda img, g, n: img.float(), None, resize, check_batch_size(batch_size), progress,
-                       f"rendering {layer}")
-    return images[0]
+    return sweep(space, styles, layer, one_hot_sets([idx], width), k[None], masks, measure, base_measure, resize,
+                 check_batch_size(batch_size), progress, desc)
 
 
 def layer_resolution(

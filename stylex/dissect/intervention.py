@@ -88,6 +88,7 @@ from stylex.dissect.edits import (
     soft_intervene,
     space_device,
     sweep,
+    sweep_unit_set,
     tensor_json,
     unit_values,
 )
@@ -582,17 +583,12 @@ def classifier_effect(
     progress: bool = True,
 ) -> ClassEffect:
     """Mean change of each class probability when ``units`` are ablated or inserted."""
-    styles = check_styles(space, styles)
-    idx = check_units(space, layer, units)
-    width = layer_width(space, layer)
-    check_resize(resize)
-    k = unit_values(values, idx, width)
-    masks = None if region is None else check_region(region, image_resolution(space), styles.shape[0])[None]
     def probs(images: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return class_probabilities(classifier, images, output)
 
-    base, out = sweep(space, styles, layer, one_hot_sets([idx], width), k[None], masks, probs, probs, resize,
-                       check_batch_size(batch_size), progress, f"classifier under {layer}")
+    idx = check_units(space, layer, units)
+    base, out = sweep_unit_set(space, styles, layer, idx, values, region, resize, probs, probs, batch_size, progress,
+                               f"classifier under {layer}")
     assert base is not None
     num = base.shape[1]
     names = list(class_names or getattr(classifier, "class_names", None) or [str(i) for i in range(num)])
