@@ -304,6 +304,9 @@ def check_model(
         )
     _number("model.conv_clamp", model.get("conv_clamp"), positive=True, optional=True)
     _number("model.lr", model.get("lr"), positive=True)
+    if model.get("encoder_latent", "w") not in ("w", "w+"):
+        raise ConfigError(f"model.encoder_latent must be w or w+ (one latent for all style layers, or one per "
+                          f"layer), got {model.get('encoder_latent')!r}")
     for key in ("r1_gamma", "ema_kimg"):
         if key in model:
             _number(f"model.{key}", model[key], positive=False)

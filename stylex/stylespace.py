@@ -188,7 +188,7 @@ class StyleSpace:
 
     def styles(
         self,
-        w: torch.Tensor,  # [B, w_dim]
+        w: torch.Tensor,  # [B, w_dim], or [B, num_ws, w_dim] (one w per style layer)
         c: torch.Tensor | None,  # [B, c_dim] class probabilities
     ) -> dict[str, torch.Tensor]:
         """The styles of latent ``w`` under class vector ``c``."""
@@ -197,7 +197,7 @@ class StyleSpace:
 
     def flat_styles(
         self,
-        w: torch.Tensor,  # [B, w_dim]
+        w: torch.Tensor,  # [B, w_dim], or [B, num_ws, w_dim] (one w per style layer)
         c: torch.Tensor | None,  # [B, c_dim]
     ) -> torch.Tensor:  # [B, S]
         return self.flatten(self.styles(w, c))

@@ -69,7 +69,7 @@ def test_model_presets_build_networks_of_the_right_shapes(preset):
         x = G(torch.randn(batch, cfg.model.z_dim), c)
         assert x.shape == (batch, 3, r, r)
         assert D(x, c).shape == (batch, 1)
-        assert E(x).shape == (batch, cfg.model.w_dim)
+        assert E(x).shape == (batch, G.num_ws, cfg.model.w_dim)  # every preset encodes into w+
     # One style vector per modulated conv and toRGB: 2 at 4x4, 3 per block above it.
     n_blocks = int(torch.log2(torch.tensor(r))) - 2
     assert len(G.style_layers) == 2 + 3 * n_blocks

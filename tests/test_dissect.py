@@ -353,6 +353,24 @@ def test_tiny_generator_encoder_path(tiny):
     assert g.c_dim == 2
 
 
+def test_noise_and_w_plus_encoder_latents_are_dissected_together(tiny):
+    """An encoder into w+ next to noise-path images: a mapped w enters as the same w at every layer."""
+    torch.manual_seed(2)
+    encoder = Encoder(resolution=16, w_dim=32, channel_base=256, channel_max=32, latent="w+",
+                      num_ws=tiny.generator.num_ws).eval()
+    classifier = MeanColourClassifier()
+    images = torch.rand(5, 3, 16, 16) * 2 - 1
+    d = dissect(tiny, ColourSegmenter(), layers=["b16.conv1"], num_images=3, encoder_images=images,
+                encoder=encoder, classifier=classifier, batch_size=4, seed=7, progress=False)
+    assert d.num_images == 3 and d.num_encoded == 5
+    wn, cn = noise_latents(tiny.generator, 3, seed=7)
+    with torch.no_grad():
+        we, ce = encoder(images), classifier(images)
+    w = torch.cat([wn[:, None].repeat(1, tiny.generator.num_ws, 1), we])
+    for name, (iou, _) in _brute_force_iou(tiny, w, torch.cat([cn, ce]), d, batch_size=4).items():
+        assert torch.allclose(d.layers[name].iou, iou, atol=1e-12), name
+
+
 # ============================================================================ bad inputs
 def test_bad_inputs(tiny):
     seg = ColourSegmenter()

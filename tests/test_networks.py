@@ -415,6 +415,36 @@ def test_minibatch_std_couples_group_members_only():
     assert MinibatchStd(group_size=4)(torch.randn(3, 5, 4, 4)).shape == (3, 6, 4, 4)  # G = min(4, 3)
 
 
+def test_an_encoder_into_w_plus_gives_one_latent_per_style_layer_and_w_is_its_special_case():
+    torch.manual_seed(0)
+    G = Generator(z_dim=8, w_dim=8, c_dim=2, resolution=16, mapping_layers=1, **TINY).eval()
+    E = Encoder(16, 8, latent="w+", num_ws=G.num_ws, **TINY)
+    x = torch.randn(3, 3, 16, 16)
+    c = probs(3, 2)
+    wp = E(x)
+    assert wp.shape == (3, G.num_ws, 8)
+    with torch.no_grad():
+        # the same w at every layer renders exactly as that w
+        w = torch.randn(3, 8)
+        torch.testing.assert_close(G.generate(w[:, None].expand(-1, G.num_ws, -1), c, noise_mode="const"),
+                                   G.generate(w, c, noise_mode="const"))
+        # a layer's latent moves that layer's style alone
+        moved = wp.clone()
+        moved[:, 2] += 1.0
+        a, b = G.styles(G.condition(wp, c)), G.styles(G.condition(moved, c))
+        names = [n for n, _ in G.style_layers]
+        assert [n for n in names if not torch.equal(a[n], b[n])] == [names[2]]
+    # the whole w+ is learnable from pixels: gradients reach every layer's slice of the output
+    G.generate(wp, c, noise_mode="const").square().mean().backward()
+    grad = E.out.weight.grad.view(G.num_ws, 8, -1)
+    assert all(grad[i].abs().sum() > 0 for i in range(G.num_ws))
+    with pytest.raises(ValueError, match="needs num_ws"):
+        Encoder(16, 8, latent="w+", **TINY)
+    with pytest.raises(ValueError, match="'w' or 'w\\+', got 'z'"):
+        Encoder(16, 8, latent="z", **TINY)
+    assert Encoder(16, 8, **TINY)(x).shape == (3, 8)
+
+
 def test_r1_second_order_gradients_reach_d():
     torch.manual_seed(0)
     D = Discriminator(16, 3, **TINY)

@@ -81,6 +81,25 @@ def _fit_steps(module, dm, steps, tmp_path, **kw):
     return trainer
 
 
+@pytest.mark.parametrize("latent", ["w", "w+"])
+def test_the_encoder_latent_follows_the_model_preset_and_its_adam_keeps_momentum(tmp_path, latent):
+    cfg, dm, clf = _module_and_data(tmp_path, f"model.encoder_latent={latent}")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    x = next(iter(dm.train_dataloader()))["image"][:2]
+    w = module.E(x)
+    if latent == "w+":
+        assert w.shape == (2, module.G.num_ws, cfg.model.w_dim)
+        assert module.hparams.encoder["num_ws"] == module.G.num_ws  # the export rebuilds the same encoder
+    else:
+        assert w.shape == (2, cfg.model.w_dim) and "num_ws" not in module.hparams.encoder
+    opt_g, opt_d, opt_e = module.configure_optimizers()
+    assert opt_e.param_groups[0]["betas"] == (0.9, 0.99)
+    assert opt_g.param_groups[0]["betas"] == opt_d.param_groups[0]["betas"] == (0.0, 0.99)
+    with pytest.raises(ValueError, match=r"unknown optimiser option\(s\) \['beta'\]"):
+        type(module)(generator=dict(module.hparams.generator), discriminator=dict(module.hparams.discriminator),
+                     encoder=dict(module.hparams.encoder), classifier=clf, optim={"beta": 0.5})
+
+
 def test_classifier_stays_frozen_while_its_gradient_trains_the_generator(tmp_path):
     # Only the noise-path classifier KL is switched on: the generator can only change through
     # gradients that pass through the frozen classifier.
@@ -264,6 +283,7 @@ def test_encoder_fit_after_training_lowers_the_ema_reconstruction_error(tiny_run
         err = (x_rec - x).abs().mean().item()
         agree = (exp.classifier(x_rec).argmax(dim=1) == c.argmax(dim=1)).float().mean().item()
     assert err == pytest.approx(fit["recon_l1_after"], rel=1e-4)
+    assert fit["mean_image_l1"] == pytest.approx((x - x.mean(dim=0)).abs().mean().item(), rel=1e-5)
     assert agree == pytest.approx(fit["agreement_after"], abs=1e-6)
     # the loggers received the same figures
     assert _metric_series(tiny_run, "encoder_fit/recon_l1_after") == [pytest.approx(fit["recon_l1_after"])]

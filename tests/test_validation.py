@@ -48,6 +48,7 @@ def _refused(tmp_path: Path, *overrides: str) -> tuple[ConfigError, Path]:
     ("model.batch_size=-4", "model.batch_size must be positive, got -4"),
     ("model.resolution=48", "model.resolution must be a power of two >= 8"),
     ("model.z_dim=0", "model.z_dim must be positive"),
+    ("model.encoder_latent=z", "model.encoder_latent must be w or w+"),
     ("model.channel_base=4", "use model.channel_base >= 16"),
     ("ops_impl=fast", "ops_impl='fast' is not one of auto, cuda, ref"),
     ("seed=abc", "seed must be a whole number"),

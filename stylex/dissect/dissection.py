@@ -340,12 +340,12 @@ def _check_classes(classes: Sequence[int] | None, c_dim: int) -> list[int]:
 
 
 def encoder_latents(
-    encoder: nn.Module,  # images -> w [B, w_dim]
+    encoder: nn.Module,  # images -> w [B, w_dim] (or [B, num_ws, w_dim], an encoder into w+)
     classifier: nn.Module,  # images -> class probabilities [B, K]
     images: torch.Tensor,  # [M, 3, R, R] in [-1, 1]
     batch_size: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:  # w [M, w_dim], c [M, K]
+) -> tuple[torch.Tensor, torch.Tensor]:  # w [M, w_dim] (or [M, num_ws, w_dim]), c [M, K]
     """The encoder-path latents: ``w = E(x)``, ``c = C(x)``."""
     ws, cs = [], []
     with torch.no_grad():
@@ -353,9 +353,10 @@ def encoder_latents(
             x = images[start : start + batch_size].to(device).float()
             w = encoder(x)
             c = classifier(x)
-            if w.ndim != 2 or w.shape[0] != x.shape[0] or c.ndim != 2 or c.shape[0] != x.shape[0]:
+            if w.ndim not in (2, 3) or w.shape[0] != x.shape[0] or c.ndim != 2 or c.shape[0] != x.shape[0]:
                 raise ValueError(f"for a batch of {x.shape[0]} images the encoder gave {tuple(w.shape)} and the "
-                                 f"classifier {tuple(c.shape)}; expected [{x.shape[0]}, w_dim] and [{x.shape[0]}, K]")
+                                 f"classifier {tuple(c.shape)}; expected [{x.shape[0]}, w_dim] (or "
+                                 f"[{x.shape[0]}, num_ws, w_dim]) and [{x.shape[0]}, K]")
             ws.append(w.float())
             cs.append(c.float())
     return torch.cat(ws), torch.cat(cs)
@@ -476,6 +477,8 @@ def dissect(
         if c is not None and ce.shape[1] != c.shape[1]:
             raise ValueError(f"the classifier gives {ce.shape[1]} classes but the generator is conditioned on "
                              f"{c.shape[1]}")
+        if we.ndim == 3 and w.ndim == 2:  # an encoder into w+: a mapped w is the same w at every layer
+            w = w[:, None].expand(-1, we.shape[1], -1)
         w = torch.cat([w, we])
         c = ce if c is None else torch.cat([c, ce])
         num_encoded = int(encoder_images.shape[0])

@@ -91,7 +91,7 @@ class AttFind:
     @torch.no_grad()
     def encode(
         self,
-        encoder: nn.Module,  # images -> w [B, w_dim]
+        encoder: nn.Module,  # images -> w [B, w_dim] or [B, num_ws, w_dim]
         images: torch.Tensor,  # [N, 3, R, R] in [-1, 1]
     ) -> torch.Tensor:  # [N, S] on the CPU
         """Styles of real images: ``w = E(x)``, conditioned on the classifier's probabilities."""
@@ -111,7 +111,7 @@ class AttFind:
     @torch.no_grad()
     def styles_of(
         self,
-        w: torch.Tensor,  # [N, w_dim] latents, e.g. refined ones (stylex.explain.refine)
+        w: torch.Tensor,  # [N, w_dim] or [N, num_ws, w_dim] latents, e.g. refined ones (stylex.explain.refine)
         c: torch.Tensor,  # [N, K] class probabilities they are conditioned on
     ) -> torch.Tensor:  # [N, S] on the CPU
         """Styles of given latents under given class vectors."""

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 class Refinement:
     """Refined latents of N images and what refining them changed."""
 
-    w: torch.Tensor  # [N, w_dim] refined latents (CPU)
+    w: torch.Tensor  # [N, w_dim] (or [N, num_ws, w_dim], an encoder into w+) refined latents (CPU)
     c: torch.Tensor  # [N, K] the conditioning: the classifier's probabilities of the inputs (CPU)
     before: dict[str, float]  # recon_l1, agreement with w = E(x)
     after: dict[str, float]  # the same with the refined w
@@ -57,7 +57,7 @@ def _kl(c: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:  # [B]: KL(c ‖
 
 def refine_latents(
     generator: nn.Module,  # stylex Generator: generate(w, c, noise_mode) -> [B, 3, R, R]
-    encoder: nn.Module,  # images -> w [B, w_dim]
+    encoder: nn.Module,  # images -> w [B, w_dim] or [B, num_ws, w_dim]
     classifier: nn.Module,  # images [-1, 1] -> logits [B, K]
     images: torch.Tensor,  # [N, 3, R, R] in [-1, 1]
     steps: int = 100,  # Adam steps per image (0 = just E(x))

@@ -371,12 +371,12 @@ class EncoderFit(pl.Callback):
             info = pl_module.fit_encoder_to_ema(_endless(loader), self.steps, lr, check, self.kl_weight,
                                                 progress=bool(getattr(trainer, "progress_bar_callback", None)))
         self.result = info
-        log.info("encoder fit: reconstruction L1 %.4f -> %.4f, class agreement %.2f -> %.2f, in %.1f s",
-                 info["recon_l1_before"], info["recon_l1_after"], info["agreement_before"],
-                 info["agreement_after"], info["seconds"])
+        log.info("encoder fit: reconstruction L1 %.4f -> %.4f (the mean image: %.4f), class agreement "
+                 "%.2f -> %.2f, in %.1f s", info["recon_l1_before"], info["recon_l1_after"],
+                 info["mean_image_l1"], info["agreement_before"], info["agreement_after"], info["seconds"])
         # self.log is closed once fit ends; the loggers take the figures directly (rank zero only).
         figures = {f"encoder_fit/{k}": float(info[k]) for k in
-                   ("recon_l1_before", "recon_l1_after", "agreement_before", "agreement_after")}
+                   ("recon_l1_before", "recon_l1_after", "mean_image_l1", "agreement_before", "agreement_after")}
         for logger in trainer.loggers:
             logger.log_metrics(figures, step=trainer.global_step)
 

@@ -48,6 +48,8 @@ from stylex import ops
 from stylex.config import check_arguments, check_model, register
 from stylex.errors import ConfigError, RunError, UsageError, disk_full_error, is_disk_full
 from stylex.ops.dispatch import IMPLS
+from stylex.networks import Generator
+from stylex.networks.encoder import complete_kwargs
 from stylex.utils.dist import is_rank_zero
 from stylex.utils.io import atomic_write_text
 from stylex.utils.loggers import finish, wandb_identity
@@ -682,8 +684,10 @@ def _check_wandb(lcfg: dict) -> None:
 def network_kwargs(cfg: DictConfig, num_classes: int) -> tuple[dict, dict, dict]:
     """Generator, discriminator and encoder kwargs of the config's module for ``num_classes``."""
     m = OmegaConf.to_container(cfg.module, resolve=True)
-    return ({**m["generator"], "c_dim": num_classes}, {**m["discriminator"], "c_dim": num_classes},
-            dict(m["encoder"]))
+    generator = {**m["generator"], "c_dim": num_classes}
+    with torch.device("meta"):  # the layer count without allocating the weights
+        num_ws = Generator(**generator).num_ws
+    return generator, {**m["discriminator"], "c_dim": num_classes}, complete_kwargs(m["encoder"], num_ws)
 
 
 def build_module(
