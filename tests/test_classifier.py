@@ -25,6 +25,7 @@ from stylex.classifier import (
     ClassifierModule,
     ClassifierTraining,
     build_classifier,
+    add_pixel_noise,
     flip_and_shift,
     inverse_frequency_weights,
     prepare_classifier,
@@ -279,6 +280,30 @@ def test_flip_and_shift_mirrors_and_translates_within_bounds():
         seen.add(matches[0])
     assert {f for f, _, _ in seen} == {False, True}
     assert len({(dy, dx) for _, dy, dx in seen}) > 5
+
+
+def test_pixel_noise_has_a_per_image_std_uniform_up_to_the_maximum():
+    torch.manual_seed(0)
+    x = torch.rand(400, 3, 32, 32)
+    assert torch.equal(add_pixel_noise(x, 0.0), x)
+    stds = (add_pixel_noise(x, 0.3) - x).flatten(1).std(dim=1)
+    assert float(stds.max()) <= 0.3 * 1.05 and float(stds.min()) < 0.03  # spans [0, 0.3]
+    assert float(stds.mean()) == pytest.approx(0.15, abs=0.02)  # the mean of U[0, 0.3]
+    assert float(stds.std()) == pytest.approx(0.3 / 12 ** 0.5, abs=0.015)  # and its spread
+    with pytest.raises(ConfigError, match="classifier.train.noise_std must be >= 0"):
+        ClassifierTraining(noise_std=-0.1)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step outside a Trainer logs nothing
+def test_the_classifier_trains_on_noisy_images_when_asked():
+    x = torch.zeros(8, 3, 16, 16)
+    labels = torch.zeros(8, dtype=torch.long)
+    for std, noisy in ((0.0, False), (0.5, True)):
+        module = ClassifierModule(Classifier("test_resnet", 2), augment=False, noise_std=std)
+        seen = []
+        module.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+        module.training_step({"image": x, "label": labels}, 0)
+        assert bool(seen[-1].abs().sum() > 0) is noisy
 
 
 # ----------------------------------------------------------------------------- training stage

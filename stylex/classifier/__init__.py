@@ -21,7 +21,13 @@ Layering: checkpoint <- model <- training <- stage. Nothing here imports the GAN
 from stylex.classifier.checkpoint import read_checkpoint
 from stylex.classifier.model import Classifier
 from stylex.classifier.stage import ClassifierConfig, ClassifierTraining, build_classifier, prepare_classifier
-from stylex.classifier.training import ClassifierModule, flip_and_shift, inverse_frequency_weights, train_classifier
+from stylex.classifier.training import (
+    ClassifierModule,
+    add_pixel_noise,
+    flip_and_shift,
+    inverse_frequency_weights,
+    train_classifier,
+)
 
 __all__ = [
     "Classifier",
@@ -29,6 +35,7 @@ __all__ = [
     "ClassifierModule",
     "ClassifierTraining",
     "build_classifier",
+    "add_pixel_noise",
     "flip_and_shift",
     "inverse_frequency_weights",
     "prepare_classifier",

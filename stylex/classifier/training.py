@@ -48,6 +48,18 @@ def inverse_frequency_weights(
     return counts.sum() / (num_classes * counts)
 
 
+def add_pixel_noise(
+    images: torch.Tensor,  # [B, C, H, W]
+    max_std: float,  # largest noise standard deviation, in the images' units
+) -> torch.Tensor:
+    """Gaussian noise augmentation: each image gets i.i.d. pixel noise of a standard deviation
+    drawn uniformly in ``[0, max_std]``. A classifier trained so reads its classes from structures
+    that survive noise rather than from faint pixel patterns, which a generator conditioned on it
+    would otherwise learn to draw in place of the structures themselves."""
+    std = torch.rand(images.shape[0], 1, 1, 1, device=images.device, dtype=images.dtype) * float(max_std)
+    return images + std * torch.randn_like(images)
+
+
 def flip_and_shift(
     images: torch.Tensor,  # [B, C, H, W]
     max_shift: int,  # largest translation in pixels, along each axis
@@ -108,6 +120,7 @@ class ClassifierModule(pl.LightningModule):
         augment: bool = True,  # random mirror + small translation of training images
         max_shift: float = 0.0625,  # largest translation, as a fraction of the image side
         label_smoothing: float = 0.0,  # cross-entropy against (1 - e) one-hot + e / K (0 = plain labels)
+        noise_std: float = 0.0,  # Gaussian pixel noise, std uniform in [0, noise_std] per image (0 = off)
     ) -> None:
         super().__init__()
         if classifier is None:
@@ -131,6 +144,7 @@ class ClassifierModule(pl.LightningModule):
                 "augment": bool(augment),
                 "max_shift": float(max_shift),
                 "label_smoothing": float(label_smoothing),
+                "noise_std": float(noise_std),
             }
         )
         self.classifier = classifier
@@ -154,6 +168,8 @@ class ClassifierModule(pl.LightningModule):
         if self.hparams.augment:
             shift = round(self.hparams.max_shift * min(images.shape[-2:]))
             images = flip_and_shift(images, shift)
+        if self.hparams.get("noise_std", 0.0) > 0:
+            images = add_pixel_noise(images, self.hparams.noise_std)
         logits = self.classifier(images)
         loss = self._loss(logits, labels)
         self.train_acc(logits.detach(), labels)
@@ -228,6 +244,7 @@ def train_classifier(
     augment: bool,  # random mirror + small translation
     logger: Any = None,  # a Lightning logger, or None for no logging
     label_smoothing: float = 0.0,  # see ClassifierModule
+    noise_std: float = 0.0,  # see ClassifierModule
 ) -> tuple[Classifier, dict[str, Any]]:
     """Train ``classifier`` on ``datamodule`` with its own short Lightning run, save it, freeze it.
 
@@ -274,7 +291,7 @@ def train_classifier(
     )
     module = ClassifierModule(
         classifier, lr=lr, weight_decay=weight_decay, class_weights=class_weights, augment=augment,
-        label_smoothing=label_smoothing
+        label_smoothing=label_smoothing, noise_std=noise_std,
     )
 
     start = time.perf_counter()
