@@ -16,7 +16,11 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
   and beside it the KID (in the classifier's features) against the validation images of the
   renders with the top-k attributes applied and of the unedited renders (a flip won by leaving
   the data manifold shows as a higher edited KID), and the agreement of the unedited renders
-  with the classifier's prediction on their real inputs.
+  with the classifier's prediction on their real inputs;
+- what the explained (unedited) renders carry of their inputs, per predicted class: the
+  classifier's probability and the lesion counts the probe reads, real -> render. Renders that
+  keep "DR signs" without the lesions show a generator that satisfies the classifier some other
+  way, and an explanation of those renders cannot find the lesions.
 
 The probe comes from the probe cache (``$STYLEX_CACHE_DIR/probes``) when one with these settings
 was trained before (its training time is then ~0).
@@ -139,6 +143,7 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
                                 **({"lesion_scale": scale} if scale != 1.0 else {}))
     t_probe = time.perf_counter() - t_probe
     gt = ground_truth(result, finder.evaluator, probe, min_effect=args.min_effect)
+    carried = what_renders_carry(finder, flat, images, exp.classifier, probe)
     thresholds = sorted({args.min_effect, 0.25, 0.1, 0.05}, reverse=True)
     sensitivity = {t: gt.scores_at(t) for t in thresholds}
     summary_file = run / "summary.json"
@@ -155,6 +160,7 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
         "ground_truth": gt.to_dict(names), "flip_rate": suff.to_dict(),
         "ground_truth_by_min_effect": {str(t): {"recovery": r, "purity": p} for t, (r, p) in sensitivity.items()},
         "rankings": {names[c]: [a.to_dict() for a in result.rankings[c]] for c in result.classes},
+        "renders_carry": {names[k]: v for k, v in carried.items()},
         "generator": {k: v for k, v in summary.items() if k.startswith("val/")},
         "fid_history": [(h.get("g_steps"), h.get("val/fid")) for h in history],
         "fit_seconds": summary.get("fit_seconds"),
@@ -180,12 +186,42 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
         print(f"{name:8s} " + " ".join(f"{v:5.2f}" for v in curve))
     for line in manifold_lines(suff.to_dict()):
         print(line)
+    for k, row in carried.items():
+        lesions = ", ".join(f"{n} {v['real']:.2f} -> {v['render']:.2f}" for n, v in row.items() if isinstance(v, dict))
+        print(f"explained renders of the {row['images']} images predicted '{names[k]}': p {row['p_real']:.3f} -> "
+              f"{row['p_render']:.3f}; lesions read by the probe, real -> render: {lesions}")
     if out["generator"]:
         g = out["generator"]
         print("generator: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in g.items()
                                         if k.split("/")[1] in ("fid", "kid", "cond_fidelity", "factor_ratio")))
     if history:
         print("FID by step: " + ", ".join(f"{s}: {f:.4g}" for s, f in out["fid_history"] if f is not None))
+    return out
+
+
+@torch.no_grad()
+def what_renders_carry(finder: AttFind, flat: torch.Tensor, images: torch.Tensor, classifier, probe) -> dict:
+    """What the explained renders carry of their inputs, per predicted class: the classifier's
+    probability of that class and the lesion counts the probe reads, on the real images and on
+    their renders. A render the classifier puts in "DR signs" without the lesions is a render the
+    generator made to satisfy the classifier, and AttFind explains that, not the lesions."""
+    device = next(classifier.parameters()).device
+    renders = torch.cat([finder.space.render(flat[i : i + 64].to(device)).float().cpu()
+                         for i in range(0, flat.shape[0], 64)])
+    p_real = torch.cat([classifier(images[i : i + 64].to(device)).softmax(1).cpu() for i in range(0, len(images), 64)])
+    p_render = torch.cat([classifier(renders[i : i + 64].to(device)).softmax(1).cpu() for i in range(0, len(renders), 64)])
+    f_real, f_render = probe.read(images.to(device)).cpu(), probe.read(renders.to(device)).cpu()
+    causal = [n for n in ("exudates", "haemorrhages") if n in probe.factor_names]
+    out = {}
+    for k in range(p_real.shape[1]):
+        m = p_real.argmax(1) == k
+        if not bool(m.any()):
+            continue
+        row = {"images": int(m.sum()), "p_real": float(p_real[m, k].mean()), "p_render": float(p_render[m, k].mean())}
+        for n in causal:
+            j = probe.factor_names.index(n)
+            row[n] = {"real": float(f_real[m, j].mean()), "render": float(f_render[m, j].mean())}
+        out[k] = row
     return out
 
 
