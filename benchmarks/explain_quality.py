@@ -206,11 +206,13 @@ def what_renders_carry(finder: AttFind, flat: torch.Tensor, images: torch.Tensor
     their renders. A render the classifier puts in "DR signs" without the lesions is a render the
     generator made to satisfy the classifier, and AttFind explains that, not the lesions."""
     device = next(classifier.parameters()).device
-    renders = torch.cat([finder.space.render(flat[i : i + 64].to(device)).float().cpu()
-                         for i in range(0, flat.shape[0], 64)])
-    p_real = torch.cat([classifier(images[i : i + 64].to(device)).softmax(1).cpu() for i in range(0, len(images), 64)])
-    p_render = torch.cat([classifier(renders[i : i + 64].to(device)).softmax(1).cpu() for i in range(0, len(renders), 64)])
-    f_real, f_render = probe.read(images.to(device)).cpu(), probe.read(renders.to(device)).cpu()
+
+    def batched(fn, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(x[i : i + 64].to(device)).float().cpu() for i in range(0, x.shape[0], 64)])
+
+    renders = batched(finder.space.render, flat)
+    p_real, p_render = (batched(lambda b: classifier(b).softmax(1), x) for x in (images, renders))
+    f_real, f_render = (batched(probe.read, x) for x in (images, renders))
     causal = [n for n in ("exudates", "haemorrhages") if n in probe.factor_names]
     out = {}
     for k in range(p_real.shape[1]):
