@@ -5,6 +5,7 @@
     python benchmarks/explain_quality.py --train-steps 600     # train the quickstart first
     python benchmarks/explain_quality.py --train-steps 3000    # a longer run
     python benchmarks/explain_quality.py --train-steps 600 --seeds 0,1,2   # mean and spread of 3 runs
+    python benchmarks/explain_quality.py --run R --source generated   # the generator's own samples
 
 For a run trained on the synthetic fundus scenes, runs AttFind on validation images and reports
 
@@ -21,6 +22,11 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
   classifier's probability and the lesion counts the probe reads, real -> render. Renders that
   keep "DR signs" without the lesions show a generator that satisfies the classifier some other
   way, and an explanation of those renders cannot find the lesions.
+
+``--source generated`` explains the generator's own samples (one-hot class vectors, every class in
+turn) instead of encoded validation images (the validation images stay the real set of the KID,
+and there is no agreement or renders line, since samples have no real inputs). It separates what the generator can draw from what the encoder
+brings back of a real image.
 
 The probe comes from the probe cache (``$STYLEX_CACHE_DIR/probes``) when one with these settings
 was trained before (its training time is then ~0).
@@ -85,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--measure", choices=("prob", "logit"), default="prob", help="AttFind's effect measure")
     ap.add_argument("--shift-size", type=float, default=AttFindConfig.shift_size,
                     help="fraction of the way to a coordinate's min/max each edit moves (explain.py --shift-size)")
+    ap.add_argument("--source", choices=("val", "generated"), default="val",
+                    help="explain encoded validation images (val) or the generator's own samples (generated)")
     ap.add_argument("--refine-steps", type=int, default=0,
                     help="refine each image's latent for N steps before the search (explain.py --refine-steps)")
     ap.add_argument("--probe-train", type=int, default=2048, help="synthetic scenes the factor probe learns from")
@@ -129,21 +137,31 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     finder = AttFind(exp.generator, exp.classifier,
                      AttFindConfig(prescreen=prescreen, measure=args.measure, shift_size=args.shift_size), device=device)
     images, _ = validation_images(config, args.num_images, exp.resolution)
-    flat = finder.encode(exp.encoder, images)
+    if args.source == "generated":
+        # The generator's own samples, every class in turn: what G draws on its noise path, where
+        # the encoder's reconstruction error plays no part. The validation images stay KID's real set.
+        flat = finder.sample(args.num_images, seed=0)
+    else:
+        flat = finder.encode(exp.encoder, images)
     refinement = None
+    if args.refine_steps > 0 and args.source == "generated":
+        raise SystemExit("--refine-steps refines encoded images; it does not apply to --source generated")
     if args.refine_steps > 0:
         refined = refine_latents(exp.generator, exp.encoder, exp.classifier, images, steps=args.refine_steps)
         flat = finder.styles_of(refined.w, refined.c)
         refinement = refined.to_dict()
     result = finder.run(flat, top_k=args.top_k)
-    suff = sufficiency(result, finder.evaluator, ks=range(1, args.flip_k + 1), inputs=images)
+    encoded = args.source == "val"
+    suff = sufficiency(result, finder.evaluator, ks=range(1, args.flip_k + 1),
+                       inputs=images if encoded else None, real_images=images)
     t_probe = time.perf_counter()
     scale = float(config["dataset"].get("lesion_scale", 1.0))  # the probe learns lesions of the run's size
     probe = cached_factor_probe(exp.resolution, device=device, num_train=args.probe_train, epochs=args.probe_epochs,
                                 **({"lesion_scale": scale} if scale != 1.0 else {}))
     t_probe = time.perf_counter() - t_probe
     gt = ground_truth(result, finder.evaluator, probe, min_effect=args.min_effect)
-    carried = what_renders_carry(finder, flat, images, exp.classifier, probe)
+    # Renders of generated samples have no real inputs to compare with.
+    carried = what_renders_carry(finder, flat, images, exp.classifier, probe) if encoded else {}
     thresholds = sorted({args.min_effect, 0.25, 0.1, 0.05}, reverse=True)
     sensitivity = {t: gt.scores_at(t) for t in thresholds}
     summary_file = run / "summary.json"
@@ -154,7 +172,7 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     names = exp.class_names
     out = {
         "run": str(run), "g_steps": exp.meta.get("g_steps"), "images": result.num_images,
-        "stable_images": int(result.stable.sum()), "attfind_mode": result.mode, "measure": args.measure, "shift_size": args.shift_size,
+        "stable_images": int(result.stable.sum()), "attfind_mode": result.mode, "source": args.source, "measure": args.measure, "shift_size": args.shift_size,
         "attfind_seconds": result.seconds, "probe_seconds": t_probe,
         "classifier_metrics": exp.meta.get("classifier_metrics"), "refinement": refinement,
         "ground_truth": gt.to_dict(names), "flip_rate": suff.to_dict(),

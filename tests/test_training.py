@@ -168,6 +168,77 @@ def test_encoder_fit_objective_adds_the_weighted_classifier_kl_of_the_reconstruc
     torch.testing.assert_close(with_kl - base, 0.3 * kl, rtol=1e-4, atol=1e-6)
 
 
+def test_laplacian_pyramid_levels_collapse_back_to_the_image_and_use_2x2_means():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    levels = losses.laplacian_pyramid(x, levels=3)
+    assert [tuple(v.shape[-2:]) for v in levels] == [(16, 16), (8, 8), (4, 4)]
+    # independent 2x2 box averages, then collapse the pyramid coarse to fine
+    lows = [x]
+    for _ in range(3):
+        g = lows[-1]
+        lows.append(g.reshape(*g.shape[:2], g.shape[2] // 2, 2, g.shape[3] // 2, 2).mean(dim=(3, 5)))
+    up = lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
+    img = lows[3]
+    for level in reversed(levels):
+        img = level + up(img)
+    torch.testing.assert_close(img, x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(levels[1], lows[1] - up(lows[2]), rtol=0, atol=1e-6)
+    assert len(losses.laplacian_pyramid(torch.zeros(1, 3, 6, 6), levels=3)) == 1  # 3x3 cannot be halved
+
+
+def test_laplacian_l1_ignores_a_global_shift_and_weighs_a_missing_spot():
+    """Two reconstruction errors of equal pixel L1: a uniform brightness shift, and a missing
+    3x3 spot. The band-pass loss is blind to the first and counts the second, which is what
+    makes it pull a generator toward small structures."""
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., 10:13, 20:23] = 1.0  # a bright spot of 9 pixels
+    spotless = torch.zeros_like(x)
+    shifted = x + 9.0 / (32 * 32)  # the same pixel L1 as the missing spot
+    assert float(losses.l1(spotless, x)) == pytest.approx(float(losses.l1(shifted, x)), rel=1e-5)
+    assert float(losses.laplacian_l1(shifted, x)) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.laplacian_l1(spotless, x)) > 3 * float(losses.l1(spotless, x))
+    assert float(losses.laplacian_l1(x, x)) == 0.0
+
+
+def test_encoder_fit_objective_adds_the_weighted_laplacian_term(tmp_path):
+    torch.manual_seed(0)
+    cfg, dm, clf = _module_and_data(tmp_path)
+    x = next(iter(dm.train_dataloader()))["image"]
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    base, _ = module.encoder_reconstruction_loss(x)
+    module.loss.cfg.rec_lap = 2.5
+    with_lap, _ = module.encoder_reconstruction_loss(x)
+    with torch.no_grad():
+        p = clf(x).softmax(dim=1)
+        x_rec = module.G_ema.generate(module.E(x), p, noise_mode="const")
+    torch.testing.assert_close(with_lap - base, 2.5 * losses.laplacian_l1(x_rec, x), rtol=1e-4, atol=1e-6)
+
+
+def test_generator_phase_adds_the_weighted_laplacian_term_and_logs_it_only_when_on(tmp_path):
+    cfg, dm, clf = _module_and_data(tmp_path)
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    x = next(iter(dm.train_dataloader()))["image"]
+    inputs = module.loss.prepare(x)
+
+    def phase(weight: float):
+        module.loss.cfg.rec_lap = weight
+        torch.manual_seed(1)  # the same noise inputs of G in both passes
+        loss, _, logs = module.loss.generator(inputs, (True, False))
+        return loss.detach(), logs
+
+    base, logs_off = phase(0.0)
+    with_lap, logs_on = phase(3.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        x_rec = module.G.generate(module.E(x), inputs.c_real)
+    expected = losses.laplacian_l1(x_rec, x)
+    assert float(expected) > 1e-3
+    torch.testing.assert_close(with_lap - base, 3.0 * expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logs_on["train/rec_lap"], expected, rtol=1e-4, atol=1e-6)
+    assert "train/rec_lap" not in logs_off
+
+
 def test_validation_reports_the_ema_and_the_live_generator_pairing(tmp_path):
     torch.manual_seed(0)
     cfg, dm, clf = _module_and_data(tmp_path)
