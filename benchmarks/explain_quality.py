@@ -25,8 +25,8 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
 
 ``--source generated`` explains the generator's own samples (one-hot class vectors, every class in
 turn) instead of encoded validation images (the validation images stay the real set of the KID,
-and there is no agreement or renders line, since samples have no real inputs). It separates what the generator can draw from what the encoder
-brings back of a real image.
+and there is no agreement or renders line, since samples have no real inputs). It separates what
+the generator can draw from what the encoder brings back of a real image.
 
 The probe comes from the probe cache (``$STYLEX_CACHE_DIR/probes``) when one with these settings
 was trained before (its training time is then ~0).
@@ -172,7 +172,8 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     names = exp.class_names
     out = {
         "run": str(run), "g_steps": exp.meta.get("g_steps"), "images": result.num_images,
-        "stable_images": int(result.stable.sum()), "attfind_mode": result.mode, "source": args.source, "measure": args.measure, "shift_size": args.shift_size,
+        "stable_images": int(result.stable.sum()), "attfind_mode": result.mode, "source": args.source,
+        "measure": args.measure, "shift_size": args.shift_size,
         "attfind_seconds": result.seconds, "probe_seconds": t_probe,
         "classifier_metrics": exp.meta.get("classifier_metrics"), "refinement": refinement,
         "ground_truth": gt.to_dict(names), "flip_rate": suff.to_dict(),

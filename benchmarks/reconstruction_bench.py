@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="cpu32", help="model preset under configs/model (its sizes are used)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
-    ap.add_argument("--lr", type=float, default=None, help="generator and encoder learning rate (default: the preset's)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="generator and encoder learning rate (default: the preset's)")
     ap.add_argument("--beta1-g", type=float, default=0.0, help="the generator's Adam beta1 (training uses 0)")
     ap.add_argument("--rec-l1", type=float, default=1.0)
     ap.add_argument("--rec-lap", type=float, default=0.0, help="weight of the Laplacian-pyramid L1 (loss.rec_lap)")
@@ -65,7 +66,13 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", type=Path, default=None, help="write held-out scenes over their reconstructions here")
     args = ap.parse_args(argv)
 
-    m = OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml")
+    preset = CONFIGS / "model" / f"{args.model}.yaml"
+    if not preset.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")))
+        raise SystemExit(f"--model {args.model}: no preset {preset}; known: {known}")
+    if args.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+    m = OmegaConf.load(preset)
     res, bs = int(m.resolution), int(args.batch_size or m.batch_size)
     lr = float(args.lr or m.lr)
     torch.manual_seed(args.seed)
