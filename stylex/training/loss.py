@@ -255,18 +255,18 @@ class StylexLoss:
             x_rec = self.G.generate(w_in, inputs.c_real)
             logits_rec, feats_rec = self._classify(x_rec, features=True)
             rec_l1 = losses.l1(x_rec.float(), x.float())
-            rec_lap = losses.laplacian_l1(x_rec, x) if cfg.rec_lap > 0 else x.new_zeros((), dtype=torch.float32)
             perc = self._perceptual(x_rec, x, feats_rec, inputs.feats_real) if cfg.perceptual > 0 else x.new_zeros(())
             lat = losses.l1(self.E(x_rec).float(), w_in.float())
             kl_rec = losses.classifier_kl(inputs.c_real, logits_rec)
             adv_rec = losses.g_nonsaturating_loss(self._discriminate(x_rec, inputs.c_real))
-            reconstruction = (cfg.rec_l1 * rec_l1 + cfg.rec_lap * rec_lap + cfg.perceptual * perc
-                              + cfg.latent_l1 * lat)
+            reconstruction = cfg.rec_l1 * rec_l1 + cfg.perceptual * perc + cfg.latent_l1 * lat
+            if cfg.rec_lap > 0:
+                rec_lap = losses.laplacian_l1(x_rec, x)
+                reconstruction = reconstruction + cfg.rec_lap * rec_lap
+                logs["train/rec_lap"] = rec_lap.detach()
             loss = loss + reconstruction + cfg.kl_rec * kl_rec + cfg.adv * adv_rec
             if split:
                 surrogate = self._encoder_surrogate(reconstruction, w, w_in)
-            if cfg.rec_lap > 0:
-                logs["train/rec_lap"] = rec_lap.detach()
             logs.update({
                 "train/rec_l1": rec_l1.detach(), "train/perceptual": perc.detach(), "train/latent_l1": lat.detach(),
                 "train/kl_rec": kl_rec.detach(), "train/adv_rec": adv_rec.detach(),
