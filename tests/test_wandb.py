@@ -131,3 +131,26 @@ def test_an_offline_run_with_log_model_stores_the_export_artifact_with_the_run(t
     data = record.read_bytes()  # the run's records, synced later by `wandb sync`
     ident = wandb_identity("synthetic", run_dir)
     assert f"export-{ident['id']}".encode() in data and b"stylex.json" in data and b"model.safetensors" in data
+
+
+def test_images_reach_wandb_with_and_without_captions(tmp_path, monkeypatch, caplog):
+    """Lightning's ``log_image`` takes len() of every extra keyword: a plot logged without
+    captions (the flip-rate plot) must not pass ``caption=None``."""
+    import wandb
+    from PIL import Image
+    from pytorch_lightning.loggers import WandbLogger
+
+    from stylex.utils.loggers import log_images
+
+    png = tmp_path / "plot.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(png)
+    logger = WandbLogger(project="stylex", save_dir=str(tmp_path), offline=True)
+    sent = []
+    monkeypatch.setattr(logger, "log_metrics", lambda metrics, step=None: sent.append(metrics))
+    with caplog.at_level("WARNING"):
+        log_images(logger, "explain/flip_rate", [png], step=3)
+        log_images(logger, "samples", [png, png], step=3, captions=["a", "b"])
+    assert not [r for r in caplog.records if "could not log" in r.getMessage()]
+    (plot,), pair = sent[0]["explain/flip_rate"], sent[1]["samples"]
+    assert isinstance(plot, wandb.Image) and plot._caption is None
+    assert [im._caption for im in pair] == ["a", "b"]

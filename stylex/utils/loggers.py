@@ -53,8 +53,10 @@ def log_images(
         return
     try:
         if is_wandb(logger):
-            logger.log_image(key=key, images=[str(p) for p in paths],
-                             caption=list(captions) if captions else None, step=None)
+            # Lightning checks len() of every extra keyword, so a missing caption list is left out
+            # rather than passed as None.
+            extra = {"caption": list(captions)} if captions else {}
+            logger.log_image(key=key, images=[str(p) for p in paths], step=None, **extra)
         elif is_tensorboard(logger):
             for j, path in enumerate(paths):
                 tag = key if len(paths) == 1 else f"{key}/{j}"
