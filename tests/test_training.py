@@ -754,3 +754,29 @@ def test_augment_auto_is_ada_on_real_data_and_off_on_generated_data(tmp_path):
     assert loss.augment == "ada"
     explicit = tiny_cfg(tmp_path / "e", "loss.augment=ada")
     assert check(explicit)[0].augment == "ada"
+
+
+def test_a_step_renders_each_path_once_and_d_reads_the_same_images_the_generator_is_trained_on(tmp_path):
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.augment=none", "loss.r1_interval=1")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    calls = {"synthesis": 0, "E": 0, "D": []}
+
+    synthesize = module.G.synthesis.synthesize
+
+    def counted_synthesize(*a, **kw):
+        calls["synthesis"] += 1
+        return synthesize(*a, **kw)
+
+    module.G.synthesis.synthesize = counted_synthesize
+    module.E.register_forward_pre_hook(lambda m, a: calls.update(E=calls["E"] + 1))
+    # (images, whether D was being trained) for every D pass of the step
+    module.D.register_forward_pre_hook(
+        lambda m, a: calls["D"].append((a[0].detach().clone(), next(m.parameters()).requires_grad)))
+    _fit_steps(module, dm, 1, tmp_path)
+    # one synthesis pass per path; E on the batch and on the reconstruction (latent L1)
+    assert calls["synthesis"] == 2 and calls["E"] == 2
+    d_phase = [img for img, training_d in calls["D"] if training_d]
+    g_phase = [img for img, training_d in calls["D"] if not training_d]
+    assert len(d_phase) == 3 and len(g_phase) == 2  # encoder fakes, noise fakes, reals (R1); then both fakes
+    torch.testing.assert_close(d_phase[0], g_phase[0])  # x̂: the same render in both phases
+    torch.testing.assert_close(d_phase[1], g_phase[1])  # x̃: the same z and the same render

@@ -6,6 +6,8 @@ One training step has two updates, and the objective is split into the phases th
 ==========  ====================================================================  ===========
 phase       terms                                                                 trains
 ==========  ====================================================================  ===========
+renders     x̂ and x̃ of the step's paths, once, with G's (and E's) graph; D main    (none)
+            reads them detached, G main backpropagates through them
 D main      logistic loss, real images vs generated ones, given the class output  D
 D reg       lazy R1 on the same real pass, every ``r1_interval`` D steps (f32)    D
 G main      encoder path ``x̂ = G(E(x) ⊕ C(x))``: L1 + perceptual + latent L1 +    G (and E)
@@ -122,6 +124,17 @@ class StepInputs(NamedTuple):
     feats_real: list[torch.Tensor]  # classifier features of x (perceptual backend "classifier"), or []
 
 
+class Renders(NamedTuple):
+    """The generator's images of one step, rendered once: the G phase backpropagates through
+    them and the D phase reads them detached (they are the same images either way: D main
+    would otherwise run E and G again, without gradients, on the same inputs)."""
+
+    w: torch.Tensor | None  # [B, L, w_dim] or [B, w_dim]: E(x), with E's graph (encoder path)
+    w_in: torch.Tensor | None  # what G starts from: a detached leaf copy of w (see _encoder_surrogate), or w
+    x_rec: torch.Tensor | None  # [B, 3, R, R] G(w_in, C(x)), with G's graph (encoder path)
+    x_gen: torch.Tensor | None  # [B, 3, R, R] G(z, c_noise), with G's graph (noise path)
+
+
 Logs = dict[str, torch.Tensor]
 
 
@@ -191,12 +204,29 @@ class StylexLoss:
         c_noise = c_real[torch.randperm(c_real.shape[0], device=c_real.device)]
         return StepInputs(x, c_real, c_noise, feats_real)
 
+    # ------------------------------------------------------------------ renders
+    def render(self, inputs: StepInputs, paths: tuple[bool, bool]) -> Renders:
+        """The generator's images of the step's paths, with the graphs of G (and E) kept for the
+        G phase. Call it while G and E require gradients."""
+        x = inputs.x
+        use_enc, use_noise = paths
+        w = w_in = x_rec = x_gen = None
+        if use_enc:
+            w = self.E(x)
+            w_in = w.detach().requires_grad_(True) if self.cfg.encoder_losses == "reconstruction" else w
+            x_rec = self.G.generate(w_in, inputs.c_real)
+        if use_noise:
+            z = torch.randn(x.shape[0], self.G.z_dim, device=x.device)
+            x_gen = self.G(z, inputs.c_noise)
+        return Renders(w, w_in, x_rec, x_gen)
+
     # ------------------------------------------------------------------ D main + D reg
     def discriminator(
         self,
         inputs: StepInputs,
         paths: tuple[bool, bool],  # (encoder path, noise path) of this step
         r1: bool,  # whether the lazy R1 penalty is due
+        renders: Renders | None = None,  # the step's renders (read detached); None: rendered here
     ) -> tuple[torch.Tensor, Logs]:
         """Logistic loss of D on real images vs the fakes of the step's paths; with ``r1`` the
         R1 penalty (scaled by ``r1_interval``) rides on the same real pass, in float32."""
@@ -205,11 +235,15 @@ class StylexLoss:
         fakes, conds = [], []
         with torch.no_grad():
             if use_enc and cfg.d_fakes in ("both", "encoder"):
-                fakes.append(self.G.generate(self.E(x), inputs.c_real))
+                have = renders is not None and renders.x_rec is not None
+                fakes.append(renders.x_rec.detach() if have else self.G.generate(self.E(x), inputs.c_real))
                 conds.append(inputs.c_real)
             if use_noise and cfg.d_fakes in ("both", "noise") or not fakes:
-                z = torch.randn(x.shape[0], self.G.z_dim, device=x.device)
-                fakes.append(self.G(z, inputs.c_noise))
+                if renders is not None and renders.x_gen is not None:
+                    fakes.append(renders.x_gen.detach())
+                else:  # also the noise fakes D needs on an encoder-path step when d_fakes="noise"
+                    z = torch.randn(x.shape[0], self.G.z_dim, device=x.device)
+                    fakes.append(self.G(z, inputs.c_noise))
                 conds.append(inputs.c_noise)
         fake_logits = torch.cat([self._discriminate(f, c) for f, c in zip(fakes, conds)])
         logs: Logs = {}
@@ -235,6 +269,7 @@ class StylexLoss:
         self,
         inputs: StepInputs,
         paths: tuple[bool, bool],
+        renders: Renders | None = None,  # from :meth:`render` (with their graphs); None: rendered here
     ) -> tuple[torch.Tensor, torch.Tensor | None, Logs]:
         """The generator's (and encoder's) loss of the step's paths.
 
@@ -248,11 +283,11 @@ class StylexLoss:
         loss = x.new_zeros((), dtype=torch.float32)
         surrogate = None
         logs: Logs = {}
+        if renders is None:
+            renders = self.render(inputs, paths)
         if use_enc:
-            w = self.E(x)
+            w, w_in, x_rec = renders.w, renders.w_in, renders.x_rec
             split = cfg.encoder_losses == "reconstruction"
-            w_in = w.detach().requires_grad_(True) if split else w
-            x_rec = self.G.generate(w_in, inputs.c_real)
             logits_rec, feats_rec = self._classify(x_rec, features=True)
             rec_l1 = losses.l1(x_rec.float(), x.float())
             perc = self._perceptual(x_rec, x, feats_rec, inputs.feats_real) if cfg.perceptual > 0 else x.new_zeros(())
@@ -272,8 +307,7 @@ class StylexLoss:
                 "train/kl_rec": kl_rec.detach(), "train/adv_rec": adv_rec.detach(),
             })
         if use_noise:
-            z = torch.randn(x.shape[0], self.G.z_dim, device=x.device)
-            x_gen = self.G(z, inputs.c_noise)
+            x_gen = renders.x_gen
             logits_gen, _ = self._classify(x_gen, features=False)
             kl_gen = losses.classifier_kl(inputs.c_noise, logits_gen)
             adv_gen = losses.g_nonsaturating_loss(self._discriminate(x_gen, inputs.c_noise))

@@ -224,12 +224,16 @@ class StylexModule(pl.LightningModule):
         step = self.count("g_steps")
         paths = self.loss.paths(step)
 
+        # ---- the step's renders, once: the D phase reads them detached (no second forward of E
+        # and G), the G phase backpropagates through them after D's update
+        _requires_grad(self.G, True)
+        _requires_grad(self.E, True)
+        renders = self.loss.render(inputs, paths)
+
         # ---- discriminator: D main (+ D reg)
-        _requires_grad(self.G, False)
-        _requires_grad(self.E, False)
         _requires_grad(self.D, True)
         r1_due = cfg.r1_gamma > 0 and self._due(cfg.r1_interval, self.count("d_steps"))
-        loss_d, logs = self.loss.discriminator(inputs, paths, r1=r1_due)
+        loss_d, logs = self.loss.discriminator(inputs, paths, r1=r1_due, renders=renders)
         self._last_losses["d"] = logs["train/loss_d"]
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
@@ -245,9 +249,7 @@ class StylexModule(pl.LightningModule):
 
         # ---- generator and encoder: G main (+ G reg)
         _requires_grad(self.D, False)
-        _requires_grad(self.G, True)
-        _requires_grad(self.E, True)
-        loss_g, surrogate, g_logs = self.loss.generator(inputs, paths)
+        loss_g, surrogate, g_logs = self.loss.generator(inputs, paths, renders=renders)
         logs.update(g_logs)
         if cfg.pl_weight > 0 and self._due(cfg.pl_interval, step):
             loss_pl, pl_logs = self.loss.path_length(inputs, self.pl_mean)
