@@ -6,6 +6,7 @@
     python benchmarks/explain_quality.py --train-steps 3000    # a longer run
     python benchmarks/explain_quality.py --train-steps 600 --seeds 0,1,2   # mean and spread of 3 runs
     python benchmarks/explain_quality.py --run R --source generated   # the generator's own samples
+    python benchmarks/explain_quality.py --run R --layers conv  # search the convolutions' styles only
 
 For a run trained on the synthetic fundus scenes, runs AttFind on validation images and reports
 
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prescreen", default="32", help="candidates per class, or 'none' for the exhaustive search")
     ap.add_argument("--flip-k", type=int, default=10)
     ap.add_argument("--measure", choices=("prob", "logit"), default="prob", help="AttFind's effect measure")
+    ap.add_argument("--layers", choices=("all", "conv"), default="all",
+                    help="style coordinates AttFind searches (conv: without the to-RGB layers')")
     ap.add_argument("--shift-size", type=float, default=AttFindConfig.shift_size,
                     help="fraction of the way to a coordinate's min/max each edit moves (explain.py --shift-size)")
     ap.add_argument("--source", choices=("val", "generated"), default="val",
@@ -135,7 +138,8 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     t0 = time.perf_counter()
     prescreen = None if args.prescreen == "none" else int(args.prescreen)
     finder = AttFind(exp.generator, exp.classifier,
-                     AttFindConfig(prescreen=prescreen, measure=args.measure, shift_size=args.shift_size), device=device)
+                     AttFindConfig(prescreen=prescreen, measure=args.measure, shift_size=args.shift_size,
+                                   layers=args.layers), device=device)
     images, _ = validation_images(config, args.num_images, exp.resolution)
     if args.source == "generated":
         # The generator's own samples, every class in turn: what G draws on its noise path, where

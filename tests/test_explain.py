@@ -136,6 +136,47 @@ def test_prescreening_agrees_with_the_exhaustive_search_on_the_planted_model(pla
     assert a["class_top1"] == 1.0 and a["image_top1"] == 1.0
 
 
+def test_conv_layers_leave_the_to_rgb_styles_out_of_the_search_and_the_baselines(planted, planted_result):
+    from stylex.explain.metrics import random_rankings, variance_rankings
+    from stylex.explain.result import searched_coordinates
+
+    torgb = torch.zeros(planted.space.dim, dtype=torch.bool)
+    for name in planted.space.layer_names:
+        if name.endswith(".torgb"):
+            torgb[planted.space.layer_slice(name)] = True
+    assert torgb[planted.i] and 0 < int(torgb.sum()) < planted.space.dim
+    assert torch.equal(searched_coordinates(planted.space, "conv"), ~torgb)
+    assert bool(searched_coordinates(planted.space, "all").all())
+    k = 3
+    conv = AttFind(planted.G, planted.C, AttFindConfig(layers="conv")).run(planted.flat, top_k=k)
+    # No to-RGB pair is rendered; every convolution pair is, with the values of the full search.
+    assert not conv.evaluated[:, torgb].any() and bool(conv.evaluated[:, ~torgb].all())
+    m = conv.evaluated
+    torch.testing.assert_close(conv.logp[m], planted_result.logp[m], atol=1e-5, rtol=0)
+    # The planted (to-RGB) coordinate that tops the full search is gone; each class ranking is the
+    # greedy ranking of the full search's effects with the to-RGB coordinates taken out.
+    eff = planted_result.effects().clone()
+    eff[:, torgb] = math.nan
+    for c in (0, 1):
+        ranked = [(a.coordinate, a.direction) for a in conv.rankings[c]]
+        assert len(ranked) == k and not any(torgb[i] for i, _ in ranked)
+        pool = conv.pools[c]
+        need = (0.5 - conv.probs[pool, c]).clamp_min(0.0)
+        assert ranked == greedy_class_ranking(eff[pool][..., c], need, k)
+    for n in range(conv.num_images):
+        assert all(not torgb[i] for i, _, _ in conv.image_topk(n, k))
+    # Pre-screening never proposes a to-RGB pair either.
+    screened = AttFind(planted.G, planted.C, AttFindConfig(layers="conv", prescreen=4)).run(planted.flat, top_k=k)
+    assert screened.evaluated.any() and not screened.evaluated[:, torgb].any()
+    # The flip-rate baselines draw from the same coordinates.
+    for coords, _ in (random_rankings(conv.flat, conv.targets, 10, 0, conv.searched),
+                      variance_rankings(conv.flat, conv.targets, 10, None, conv.searched)):
+        assert not torgb[coords].any()
+    assert torgb[variance_rankings(conv.flat, conv.targets, 10)[0]].any()  # the planted spread, unrestricted
+    with pytest.raises(ValueError, match="layers must be one of"):
+        AttFindConfig(layers="rgb")
+
+
 def _tiny_classifier() -> nn.Module:
     torch.manual_seed(3)
     return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.LeakyReLU(0.2), nn.Flatten(), nn.LazyLinear(3)).eval()
@@ -574,7 +615,8 @@ def test_callback_defaults_are_config_values_and_a_relative_out_dir_lies_in_the_
     schema = OmegaConf.structured(dataclasses.make_dataclass("ExplainSchema", fields))
     assert OmegaConf.to_container(schema) == {
         "out_dir": "explain", "top_k": 4, "num_images": 64, "every_n_epochs": 0, "shift_size": 1.0,
-        "prescreen": 16, "flip_k": 6, "examples": 4, "threads": None, "enabled": True, "refine_steps": 0}
+        "prescreen": 16, "flip_k": 6, "examples": 4, "threads": None, "enabled": True, "refine_steps": 0,
+        "layers": "all"}
     g, e, c = _random_nets()
     dataset = [{"image": torch.rand(3, 16, 16) * 2 - 1, "label": torch.tensor(i % 2)} for i in range(8)]
     module = SimpleNamespace(G_ema=g, E=e, classifier=c, class_names=["a", "b"], num_classes=2,
@@ -732,7 +774,8 @@ def test_explain_py_end_to_end_on_the_latest_run(trained_run):
 
 def test_explain_py_delegates_to_explain_run(random_export, tmp_path, monkeypatch, capsys):
     options = ["--run", str(random_export.run), "--source", "generated", "--num-images", "4", "--top-k", "1",
-               "--flip-k", "2", "--examples", "1", "--prescreen", "none", "--no-wandb", "--threads", "1"]
+               "--flip-k", "2", "--examples", "1", "--prescreen", "none", "--no-wandb", "--threads", "1",
+               "--layers", "conv"]
     requests = []
 
     def spy(request, say=None, show=None):
@@ -747,11 +790,16 @@ def test_explain_py_delegates_to_explain_run(random_export, tmp_path, monkeypatc
     assert capsys.readouterr().out.strip().splitlines()[-1] == str((tmp_path / "cli" / "report.html").resolve())
     # The same request as plain Python values, and the same report from it.
     request = ExplainRequest(run=random_export.run, source="generated", num_images=4, top_k=1, flip_k=2,
-                             examples=1, prescreen="none", wandb=False, threads=1, out=tmp_path / "direct")
+                             examples=1, prescreen="none", wandb=False, threads=1, layers="conv",
+                             out=tmp_path / "direct")
     assert requests == [dataclasses.replace(request, out=tmp_path / "cli")]
     report, result = explain_run(request)
     assert torch.get_num_threads() == threads, "the thread count must be restored"
     assert report.html == tmp_path / "direct" / "report.html" and result.num_images == 4
+    # --layers conv: no to-RGB style was edited, and the report says which coordinates were searched
+    assert result.config.layers == "conv" and not result.evaluated[:, ~result.searched].any()
+    assert all(not a.layer.endswith(".torgb") for ranked in result.rankings.values() for a in ranked)
+    assert json.loads((tmp_path / "direct" / "explanation.json").read_text())["settings"]["layers"] == "conv"
 
     def content(folder: Path) -> dict:
         data = json.loads((folder / "explanation.json").read_text())

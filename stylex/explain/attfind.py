@@ -50,7 +50,7 @@ from stylex.explain.config import AttFindConfig
 from stylex.explain.evaluator import EffectEvaluator
 from stylex.explain.measures import shift_targets, to_measure
 from stylex.explain.predict import AttFindPredictor, ImageSet, merge_effects, merge_screen, run_predict
-from stylex.explain.result import AttFindResult, greedy_class_ranking
+from stylex.explain.result import AttFindResult, greedy_class_ranking, searched_coordinates
 
 __all__ = ["AttFind", "AttFindConfig"]
 
@@ -170,10 +170,12 @@ class AttFind:
         n, s = flat.shape
         say = progress or (lambda msg: None)
 
-        # ---- which pairs each image renders
+        # ---- which pairs each image renders (only those of the searched coordinates)
+        searched = searched_coordinates(space, cfg.layers)
+        searched_pairs = torch.nonzero(searched.repeat_interleave(2)).flatten()  # pair id = 2 * coordinate + direction
         estimate = None
         if cfg.prescreen is None:
-            pair_lists = [torch.arange(2 * s)] * n
+            pair_lists = [searched_pairs] * n
             mode = "exhaustive"
         else:
             say(f"pre-screening {n} images with one gradient each")
@@ -185,6 +187,7 @@ class AttFind:
             logp0, jac = merge_screen(outs, n)
             timings["prescreen"] = time.perf_counter() - t
             estimate = jac.permute(0, 2, 1)[:, :, None, :] * (targets - flat[:, :, None])[..., None]  # [N,S,2,K]
+            estimate[:, ~searched] = math.nan  # coordinates outside the search are neither rendered nor estimated
             pair_lists = self._candidates(estimate, logp0, classes, top_k)
             mode = "prescreen"
 
@@ -220,15 +223,21 @@ class AttFind:
         m = min(2 * s, max(int(cfg.prescreen), top_k))
         m_img = cfg.prescreen_image if cfg.prescreen_image is not None else max(4, m // 2)
         m_img = min(2 * s, m_img)
+        searched = ~torch.isnan(estimate[0, :, :, 0]).flatten()  # [2S] pairs outside the search are NaN
+
+        def best(score: torch.Tensor, count: int) -> torch.Tensor:  # the `count` best searched pair ids
+            ids = torch.topk(torch.nan_to_num(score.flatten(), nan=-math.inf), count).indices
+            return ids[searched[ids]]
+
         shared: list[torch.Tensor] = []
         for c in _class_list(classes, k):
             pool = pred != c
             rows = estimate[pool] if pool.any() else estimate
-            shared.append(torch.topk(rows[..., c].mean(dim=0).flatten(), m).indices)
+            shared.append(best(rows[..., c].mean(dim=0), m))
         shared_ids = torch.unique(torch.cat(shared)) if shared else torch.zeros(0, dtype=torch.long)
         lists = []
         for i in range(n):
-            own = torch.topk((-estimate[i, :, :, pred[i]]).flatten(), m_img).indices if m_img else shared_ids[:0]
+            own = best(-estimate[i, :, :, pred[i]], m_img) if m_img else shared_ids[:0]
             lists.append(torch.unique(torch.cat([shared_ids, own])))
         return lists
 
@@ -252,7 +261,8 @@ class AttFind:
         if estimate is not None:
             dp = torch.where(torch.isnan(dp), estimate, dp)
         sensitive = (torch.nan_to_num(dp, nan=0.0).abs().amax(dim=(2, 3)) > cfg.unstable_threshold).sum(dim=1)
-        limit = cfg.unstable_count if cfg.unstable_count is not None else max(1, s // 10)
+        searched = int(searched_coordinates(self.space, cfg.layers).sum())
+        limit = cfg.unstable_count if cfg.unstable_count is not None else max(1, searched // 10)
         stable = sensitive <= limit
         if not stable.any():
             warnings.append(

@@ -58,6 +58,8 @@ class ExplainCallback(pl.Callback):
         enabled: False turns the callback into a no-op (a config switch).
         refine_steps: optimise each image's latent for this many steps before the search
             (:mod:`stylex.explain.refine`; 0 = off); the report then says what it changed.
+        layers: the style coordinates searched, ``"all"`` or ``"conv"`` (without the to-RGB
+            layers'; see :class:`~stylex.explain.config.AttFindConfig`).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class ExplainCallback(pl.Callback):
         threads: Optional[int] = None,
         enabled: bool = True,
         refine_steps: int = 0,
+        layers: str = "all",
     ) -> None:
         if int(top_k) < 1 or int(num_images) < 1:
             raise ValueError(f"ExplainCallback needs top_k >= 1 and num_images >= 1, got {top_k} and {num_images}")
@@ -80,7 +83,7 @@ class ExplainCallback(pl.Callback):
         self.top_k = int(top_k)
         self.num_images = int(num_images)
         self.every_n_epochs = int(every_n_epochs)
-        self.config = AttFindConfig(shift_size=float(shift_size), prescreen=prescreen)
+        self.config = AttFindConfig(shift_size=float(shift_size), prescreen=prescreen, layers=str(layers))
         self.flip_k = int(flip_k)
         self.examples = int(examples)
         self.threads = None if threads is None else int(threads)
@@ -150,6 +153,7 @@ class ExplainCallback(pl.Callback):
                 names = names or [str(c) for c in range(int(pl_module.num_classes))]
                 settings = {"source": "validation split", "num_images": len(idx), "top_k": self.top_k,
                             "shift_size": self.config.shift_size, "measure": self.config.measure,
+                            "layers": self.config.layers,
                             "affect_threshold": self.config.affect_threshold, "prescreen": self.config.prescreen,
                             "g_steps": int(getattr(pl_module, "g_steps", trainer.global_step))}
                 root = getattr(trainer, "default_root_dir", None)

@@ -78,6 +78,9 @@ def build_parser(
                         "or generated samples (default: val when the run's dataset can be rebuilt)")
     p.add_argument("--measure", choices=("prob", "logit"), default=d.measure,
                    help="effect measure: class probability change or one-vs-rest logit change")
+    p.add_argument("--layers", choices=("all", "conv"), default=d.layers,
+                   help="style coordinates searched: all, or conv (the convolutions' only, without the "
+                        f"to-RGB layers', whose edits recolour; default: {d.layers})")
     p.add_argument("--prescreen", default=d.prescreen,
                    help="'none' renders every coordinate for every image; N renders only the N best "
                         "gradient-ranked edits per class; 'auto' picks none when it fits --time-budget")
@@ -114,7 +117,7 @@ def request_from_args(args: argparse.Namespace) -> ExplainRequest:
     return ExplainRequest(
         run=args.run, checkpoint=args.checkpoint, runs_root=args.runs_root, top_k=args.top_k,
         num_images=args.num_images, classes=args.classes, shift_size=args.shift_size, out=args.out,
-        images=args.image, source=args.source, measure=args.measure, prescreen=args.prescreen,
+        images=args.image, source=args.source, measure=args.measure, layers=args.layers, prescreen=args.prescreen,
         time_budget=args.time_budget, flip_k=args.flip_k, examples=args.examples, ground_truth=args.ground_truth,
         device=args.device, devices=args.devices, batch_size=args.batch_size, seed=args.seed,
         threads=args.threads, wandb=not args.no_wandb, refine_steps=args.refine_steps, refine_lr=args.refine_lr,

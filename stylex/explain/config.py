@@ -10,6 +10,12 @@ from dataclasses import dataclass
 
 from stylex.explain.measures import MEASURES
 
+# Which style coordinates the search may edit: every one, or those of the convolutions only.
+# A to-RGB layer's styles scale how much each feature map of its block adds to the image's
+# colour channels, after the last spatial operation of that block: they recolour what the
+# convolutions drew and cannot change its shape.
+LAYER_SETS = ("all", "conv")
+
 
 @dataclass
 class AttFindConfig:
@@ -32,13 +38,16 @@ class AttFindConfig:
         unstable_threshold: probability change (any class) that makes a coordinate count as
             "sensitive" for an image.
         unstable_count: an image with more sensitive coordinates than this is unstable and
-            left out of the rankings; None = a tenth of the coordinates.
+            left out of the rankings; None = a tenth of the searched coordinates.
         cap: accumulated effect (in ``measure`` units) after which an image counts as explained
             by the class ranking; None = when the image would reach the one-vs-rest boundary of
             the class (probability 0.5, logit 0).
         affect_threshold: probability gain of the class that counts an image as "affected" by
             an attribute (for the reported share).
         noise_mode: synthesis noise; "const" keeps renders of equal styles identical.
+        layers: the coordinates searched: ``"all"`` (the whole StyleSpace, the paper's AttFind)
+            or ``"conv"`` (the convolutions' styles only, without the to-RGB layers', whose
+            edits recolour; see ``LAYER_SETS``). The flip-rate baselines draw from the same set.
     """
 
     shift_size: float = 1.0
@@ -52,8 +61,12 @@ class AttFindConfig:
     cap: float | None = None
     affect_threshold: float = 0.1
     noise_mode: str = "const"
+    layers: str = "all"
 
     def __post_init__(self) -> None:
+        if self.layers not in LAYER_SETS:
+            raise ValueError(f"layers must be one of {LAYER_SETS} (which style coordinates AttFind edits), "
+                             f"got {self.layers!r}")
         if not self.shift_size > 0:
             raise ValueError(f"shift_size must be > 0 (1 = move to the min/max), got {self.shift_size}")
         if self.measure not in MEASURES:

@@ -65,11 +65,16 @@ def random_rankings(
     targets: torch.Tensor,  # [N, S, 2]
     kmax: int,
     seed: int = 0,
+    searched: torch.Tensor | None = None,  # [S] bool: the coordinates drawn from; None = all
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [N, kmax] each
-    """Distinct random coordinates per image, each moved toward its farther extreme."""
+    """Distinct random coordinates per image (among ``searched``), each moved toward its farther
+    extreme."""
     n, s = flat.shape
     gen = torch.Generator().manual_seed(int(seed))
-    coords = torch.argsort(torch.rand(n, s, generator=gen), dim=1)[:, :kmax]
+    draw = torch.rand(n, s, generator=gen)
+    if searched is not None:
+        draw[:, ~searched] = 2.0  # sorted after every searched coordinate
+    coords = torch.argsort(draw, dim=1)[:, :kmax]
     return coords, farther_direction(flat, targets).gather(1, coords)
 
 
@@ -78,11 +83,14 @@ def variance_rankings(
     targets: torch.Tensor,  # [N, S, 2]
     kmax: int,
     std: torch.Tensor | None = None,  # [S] style standard deviation; None = over `flat`
+    searched: torch.Tensor | None = None,  # [S] bool: the coordinates drawn from; None = all
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [N, kmax] each
-    """The same kmax coordinates for every image: those whose style varies most over the image
-    set, each moved toward its farther extreme."""
+    """The same kmax coordinates for every image: those (among ``searched``) whose style varies
+    most over the image set, each moved toward its farther extreme."""
     n, s = flat.shape
-    std = flat.std(dim=0, correction=0) if std is None else std
+    std = (flat.std(dim=0, correction=0) if std is None else std).clone()
+    if searched is not None:
+        std[~searched] = -1.0  # sorted after every searched coordinate
     order = torch.argsort(std, descending=True, stable=True)[:kmax]
     coords = order.expand(n, -1).clone()
     return coords, farther_direction(flat, targets).gather(1, coords)
@@ -203,7 +211,7 @@ def sufficiency(
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive numbers of attributes, got {ks}")
-    kmax = min(max(ks), result.space.dim)
+    kmax = min(max(ks), int(result.searched.sum()))
     ks = [k for k in ks if k <= kmax]
     keep = torch.nonzero(result.stable if stable_only else torch.ones_like(result.stable)).flatten()
     flat, targets = result.flat[keep], result.targets[keep]
@@ -212,8 +220,8 @@ def sufficiency(
     a_coords, a_dirs = attfind_rankings(result, kmax)
     rankings = {
         "attfind": (a_coords[keep], a_dirs[keep]),
-        "random": random_rankings(flat, targets, kmax, seed),
-        "variance": variance_rankings(flat, targets, kmax, std),
+        "random": random_rankings(flat, targets, kmax, seed, result.searched),
+        "variance": variance_rankings(flat, targets, kmax, std, result.searched),
     }
     curves = {name: flip_rates(evaluator, flat, targets, c, d, ks, base_pred) for name, (c, d) in rankings.items()}
     out = Sufficiency(ks=ks, curves=curves, num_images=int(keep.numel()))

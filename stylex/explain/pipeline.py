@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -140,7 +140,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
     resolution = exp.resolution
     exp.to(device)
     finder = AttFind(exp.generator, exp.classifier, AttFindConfig(
-        shift_size=req.shift_size, measure=req.measure, batch_size=req.batch_size))
+        shift_size=req.shift_size, measure=req.measure, batch_size=req.batch_size, layers=req.layers))
 
     # ---- the images
     inputs, reference, info, real_images = None, None, None, None
@@ -175,6 +175,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
                 say(f"note: no real images for the KID figures ({e})")
 
     finder.config = AttFindConfig(shift_size=req.shift_size, measure=req.measure, batch_size=req.batch_size,
+                                  layers=req.layers,
                                   prescreen=choose_prescreen(req, finder, flat.shape[0], say))
     sections: dict[str, Any] = {}
     if req.refine_steps > 0:
@@ -198,7 +199,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
     out_dir = req.out or ((run_dir or export_dir.parent) / "explain")
     settings = {"run": str(run_dir or export_dir), "source": "images" if req.images else source,
                 "num_images": int(flat.shape[0]), "top_k": req.top_k, "shift_size": req.shift_size,
-                "measure": req.measure, "affect_threshold": finder.config.affect_threshold,
+                "measure": req.measure, "layers": req.layers, "affect_threshold": finder.config.affect_threshold,
                 "prescreen": finder.config.prescreen, "device": str(finder.device)}
     if run_dir is not None:
         figures = read_run_figures(run_dir)

@@ -27,6 +27,7 @@ class ExplainRequest:
     images: list[Path] | None = None  # image files to explain (--image)
     source: str = "auto"  # images without `images`: "val" | "generated" | "auto" (val when rebuildable)
     measure: str = "prob"  # "prob" | "logit"
+    layers: str = "all"  # style coordinates searched: "all" | "conv" (no to-RGB styles)
     prescreen: int | str | None = "auto"  # "auto", "none" / None (exhaustive) or candidates per class
     time_budget: float = 120.0  # seconds the exhaustive search may take before "auto" screens
     flip_k: int = 10  # flip-rate curve for k = 1..flip_k (0 = none)

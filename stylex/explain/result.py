@@ -114,6 +114,19 @@ def best_per_coordinate(
     return [(int(i), int(direction[i]), float(best[i])) for i in order if math.isfinite(float(best[i]))]
 
 
+def searched_coordinates(
+    space: StyleSpace,
+    layers: str,  # an AttFindConfig.layers value: "all" | "conv"
+) -> torch.Tensor:  # [S] bool: True where AttFind may edit
+    """The style coordinates a search with ``layers`` edits."""
+    keep = torch.ones(space.dim, dtype=torch.bool)
+    if layers == "conv":
+        for name in space.layer_names:
+            if name.endswith(".torgb"):
+                keep[space.layer_slice(name)] = False
+    return keep
+
+
 # ============================================================================ the result
 @dataclass
 class AttFindResult:
@@ -150,6 +163,11 @@ class AttFindResult:
     @property
     def num_classes(self) -> int:
         return self.logp_base.shape[1]
+
+    @property
+    def searched(self) -> torch.Tensor:  # [S] bool
+        """The coordinates the search could edit (``config.layers``)."""
+        return searched_coordinates(self.space, self.config.layers)
 
     @property
     def predicted(self) -> torch.Tensor:  # [N] int64
@@ -221,6 +239,7 @@ class AttFindResult:
             "mode": self.mode,
             "measure": self.config.measure,
             "shift_size": self.config.shift_size,
+            "layers": self.config.layers,
             "num_images": self.num_images,
             "num_stable": int(self.stable.sum()),
             "seconds": self.seconds,
