@@ -223,7 +223,7 @@ class AttFind:
         m = min(2 * s, max(int(cfg.prescreen), top_k))
         m_img = cfg.prescreen_image if cfg.prescreen_image is not None else max(4, m // 2)
         m_img = min(2 * s, m_img)
-        searched = ~torch.isnan(estimate[0, :, :, 0]).flatten()  # [2S] pairs outside the search are NaN
+        searched = searched_coordinates(self.space, cfg.layers).repeat_interleave(2)  # [2S], by pair id
 
         def best(score: torch.Tensor, count: int) -> torch.Tensor:  # the `count` best searched pair ids
             ids = torch.topk(torch.nan_to_num(score.flatten(), nan=-math.inf), count).indices
