@@ -19,6 +19,7 @@ from stylex.networks import (
     ModulatedConv2d,
     NoiseInjection,
 )
+from stylex.networks.discriminator import FeatureHeads
 from stylex.ops import setup_filter, upsample2d
 
 TINY = dict(channel_base=256, channel_max=16)  # 16 channels up to 16x16, then fewer
@@ -413,6 +414,68 @@ def test_minibatch_std_couples_group_members_only():
     with pytest.raises(ValueError, match="not divisible by the group size 4"):
         MinibatchStd(group_size=4)(torch.randn(6, 5, 4, 4))
     assert MinibatchStd(group_size=4)(torch.randn(3, 5, 4, 4)).shape == (3, 6, 4, 4)  # G = min(4, 3)
+
+
+def _feature_maps(batch, channels=(4, 6), sizes=(8, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, ch, s, s, generator=g).relu() for ch, s in zip(channels, sizes)]
+
+
+def test_feature_heads_add_a_projected_patch_logit_per_scale():
+    torch.manual_seed(0)
+    D = Discriminator(16, 3, **TINY, mbstd_group_size=2, feature_channels=[4, 6])
+    plain = Discriminator(16, 3, **TINY, mbstd_group_size=2)
+    missing = plain.load_state_dict(D.state_dict(), strict=False)
+    assert missing.missing_keys == [] and all(k.startswith("feature_heads.") for k in missing.unexpected_keys)
+    img, c, feats = torch.randn(4, 3, 16, 16), probs(4, 3), _feature_maps(4)
+    heads = D.feature_heads
+    with torch.no_grad():
+        # Independent definition: each scale's 3 convs written out with F.conv2d and the
+        # equalised-lr gains, averaged over positions, projected on the class map; scales summed / sqrt(S).
+        e = heads.embedding.embed.weight * heads.embedding.embed.weight_gain
+        emb = F.linear(c, e, heads.embedding.embed.bias)
+        emb = emb / emb.square().mean(1, keepdim=True).add(1e-8).sqrt()
+        cm = heads.embedding.cmap
+        cmap = F.leaky_relu(F.linear(emb, cm.weight * cm.weight_gain, cm.bias), 0.2) * math.sqrt(2)
+        expected = 0
+        for head, f in zip(heads.heads, feats):
+            h = f
+            for i, conv in enumerate(head):
+                h = F.conv2d(h, conv.weight * conv.weight_gain, conv.bias, padding=conv.weight.shape[-1] // 2)
+                if i < 2:
+                    h = F.leaky_relu(h, 0.2) * math.sqrt(2)
+            expected = expected + (h.mean(dim=(2, 3)) * cmap).sum(1, keepdim=True) / math.sqrt(cmap.shape[1])
+        expected = expected / math.sqrt(2)
+        torch.testing.assert_close(D(img, c, features=feats) - plain(img, c), expected, rtol=1e-4, atol=1e-5)
+        # the class reaches the feature logit too
+        assert (heads(feats, c) - heads(feats, torch.eye(3)[[1, 2, 0, 1]])).abs().min() > 1e-6
+    with pytest.raises(ValueError, match="pass features="):
+        D(img, c)
+    with pytest.raises(ValueError, match="no feature heads"):
+        plain(img, c, features=feats)
+    with pytest.raises(ValueError, match=r"channels \[4, 6\]"):
+        D(img, c, features=_feature_maps(4, channels=(4, 5)))
+
+
+def test_feature_heads_learn_to_tell_two_feature_distributions_apart_and_pass_gradients_back():
+    torch.manual_seed(0)
+    heads = FeatureHeads([4, 6], c_dim=0)
+    opt = torch.optim.Adam(heads.parameters(), lr=3e-3, betas=(0.0, 0.99))
+    real = _feature_maps(32, seed=1)
+    fake = [f.clone() for f in _feature_maps(32, seed=2)]
+    fake[0][:, 1] += 0.5  # one channel of one scale is off
+    losses = []
+    for _ in range(60):
+        loss = F.softplus(-heads(real, None)).mean() + F.softplus(heads(fake, None)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    # the generator's side: the logit's gradient reaches the feature maps it reads
+    leaf = [f.clone().requires_grad_(True) for f in fake]
+    heads(leaf, None).sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in leaf)
 
 
 def test_an_encoder_into_w_plus_gives_one_latent_per_style_layer_and_w_is_its_special_case():

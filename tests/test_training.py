@@ -529,19 +529,34 @@ def test_loss_config_names_unknown_options_and_checks_values():
         LossConfig.coerce({"advv": 1.0})
     with pytest.raises(ValueError, match="loss.adv must be a number"):
         LossConfig.coerce({"adv": "strong"})
+    with pytest.raises(ValueError, match="loss.d_features must be true or false"):
+        LossConfig.coerce({"d_features": "yes"})
     cfg = LossConfig.coerce({"adv": 2.0})
     assert cfg.adv == 2.0 and cfg.kl_gen == LossConfig().kl_gen
     assert LossConfig.coerce(cfg) is cfg  # a checked config is not checked again
 
 
-def test_discriminator_phase_is_the_logistic_loss_plus_the_scaled_r1_penalty(tmp_path):
+@pytest.mark.parametrize("d_features", [False, True])
+def test_discriminator_phase_is_the_logistic_loss_plus_the_scaled_r1_penalty(tmp_path, d_features):
     """D main + D reg against their definitions: softplus(-D(x)) + softplus(D(G(z))) + gamma/2 ·
-    interval · E|∇_x D(x)|², with the same latents."""
+    interval · E|∇_x D(x)|², with the same latents; with feature heads D(x) also reads C's maps
+    of x, and the R1 gradient runs through the frozen classifier."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    cfg, dm, clf = _module_and_data(tmp_path, "loss.r1_gamma=0.3", "loss.r1_interval=4")
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.r1_gamma=0.3", "loss.r1_interval=4",
+                                    f"loss.d_features={str(d_features).lower()}")
     module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    assert (module.D.feature_heads is not None) == d_features
+    if d_features:  # one head per feature map of the classifier, sized from it
+        assert module.D.feature_heads.channels == [f.shape[1] for f in module.C(torch.zeros(1, 3, 16, 16))[1]]
+
+    def D(img, c):
+        return module.D(img, c, features=clf_features(img)) if d_features else module.D(img, c)
+
+    def clf_features(img):
+        return module.C(img)[1]
+
     x = next(iter(dm.train_dataloader()))["image"]
     inputs = module.loss.prepare(x)
     torch.manual_seed(4)
@@ -550,14 +565,38 @@ def test_discriminator_phase_is_the_logistic_loss_plus_the_scaled_r1_penalty(tmp
     with torch.no_grad():
         fake = module.G(torch.randn(x.shape[0], module.G.z_dim), inputs.c_noise)
     real = x.detach().clone().requires_grad_(True)
-    real_logits = module.D(real, inputs.c_real)
+    real_logits = D(real, inputs.c_real)
     (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-    logistic = F.softplus(-real_logits).mean() + F.softplus(module.D(fake, inputs.c_noise)).mean()
+    logistic = F.softplus(-real_logits).mean() + F.softplus(D(fake, inputs.c_noise)).mean()
     expected = logistic + 0.3 / 2 * 4 * grad.square().sum(dim=[1, 2, 3]).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logs["train/loss_d"], logistic.detach(), rtol=1e-5, atol=1e-6)
     no_r1, _ = module.loss.discriminator(inputs, (False, True), r1=False)
     assert float(loss.detach()) > float(no_r1.detach())
+    if d_features:
+        # the R1 term alone trains the heads through the classifier's second derivatives
+        module.D.zero_grad()
+        (loss - no_r1).backward()
+        heads = list(module.D.feature_heads.heads.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in heads)
+
+
+def test_the_generator_learns_from_the_feature_heads_through_the_frozen_classifier(tmp_path):
+    # Only the adversarial terms are on, and D's own image head outputs zero: the generator's
+    # gradient can only come from the feature heads, through the classifier's features.
+    zero = [f"loss.{k}=0" for k in ("rec_l1", "perceptual", "latent_l1", "kl_rec", "kl_gen")]
+    cfg, dm, clf = _module_and_data(tmp_path, *zero, "loss.r1_gamma=0", "loss.d_features=true")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    with torch.no_grad():
+        module.D.out.weight.zero_()
+        module.D.out.bias.zero_()
+    x = next(iter(dm.train_dataloader()))["image"]
+    inputs = module.loss.prepare(x)
+    loss, _, _ = module.loss.generator(inputs, (False, True))
+    loss.backward()
+    grads = [p.grad for p in module.G.synthesis.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in clf.parameters())
 
 
 # ------------------------------------------------------------------------------------------ ADA

@@ -11,6 +11,15 @@ Layout::
 Projection conditioning: ``logit = <h, cmap(c)> / sqrt(cmap_dim)`` where ``h`` is the output
 head's ``cmap_dim`` features and ``cmap`` embeds the class vector ``c``. With ``c_dim = 0`` the
 head has one output, the unconditional logit.
+
+Optionally (``feature_channels``), D also reads the frozen classifier's intermediate features of
+the same image through small heads of its own (:class:`FeatureHeads`), and its logit is the sum
+of the two. The idea is that of projected GANs (Sauer et al., NeurIPS 2021), a discriminator on
+the features of a fixed, trained network. Here the fixed network is the classifier being
+explained, so D compares generated and real images, class by class, in exactly the features the
+classifier uses: a render that gets its class from features real images of that class do not
+have (a global darkening instead of haemorrhages) can be told apart. What it did in measured
+runs is in the README ("How it fits together").
 """
 
 from __future__ import annotations
@@ -156,8 +165,78 @@ class MinibatchStd(nn.Module):
         return torch.cat([x, y], dim=1)
 
 
+def _projection(h: torch.Tensor, cmap: torch.Tensor | None) -> torch.Tensor:
+    """``<h, cmap> / sqrt(dim)`` per sample, or ``h`` itself when unconditional (cmap None)."""
+    if cmap is None:
+        return h
+    return (h * cmap).sum(dim=1, keepdim=True) / math.sqrt(h.shape[1])
+
+
+class ClassEmbedding(nn.Module):
+    """``c [B, c_dim] -> cmap [B, dim]``: the projection's class map."""
+
+    def __init__(self, c_dim: int, dim: int) -> None:
+        super().__init__()
+        self.embed = EqualizedLinear(c_dim, dim)
+        self.cmap = EqualizedLinear(dim, dim, activation="lrelu")
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        # Normalising the embedding keeps the projection's scale independent of how peaked c is.
+        return self.cmap(normalize_2nd_moment(self.embed(c)))
+
+
+class FeatureHeads(nn.Module):
+    """Discriminator heads on a fixed network's feature maps: ``([f_1, ..., f_S], c) -> [B, 1]``.
+
+    Each map ``f_s [B, C_s, H_s, W_s]`` goes through a 1x1 conv to ``width`` channels, a 3x3 conv
+    and a 1x1 conv to ``cmap_dim`` (lrelu between); the result is averaged over positions (each
+    position scores its own receptive field, as a patch discriminator) and projected onto the
+    class map. The scales' logits are summed and divided by sqrt(S), so that adding scales does
+    not change the logit's spread at initialisation.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],  # C_s of each feature map, in the order they are given
+        c_dim: int,
+        width: int = 64,
+        cmap_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        if not channels or any(int(ch) < 1 for ch in channels):
+            raise ValueError(f"feature heads need one positive channel count per feature map, got {list(channels)}")
+        self.channels = [int(ch) for ch in channels]
+        self.c_dim = c_dim
+        out = cmap_dim if c_dim > 0 else 1
+        self.heads = nn.ModuleList(
+            nn.Sequential(
+                EqualizedConv2d(ch, width, 1, activation="lrelu"),
+                EqualizedConv2d(width, width, 3, activation="lrelu"),
+                EqualizedConv2d(width, out, 1),
+            )
+            for ch in self.channels
+        )
+        self.embedding = ClassEmbedding(c_dim, cmap_dim) if c_dim > 0 else None
+
+    def forward(
+        self,
+        features: Sequence[torch.Tensor],  # [B, C_s, H_s, W_s] per scale
+        c: torch.Tensor | None,  # [B, c_dim]
+    ) -> torch.Tensor:  # [B, 1]
+        if len(features) != len(self.heads) or any(f.shape[1] != ch for f, ch in zip(features, self.channels)):
+            got = [int(f.shape[1]) for f in features]
+            raise ValueError(f"feature heads expect maps with channels {self.channels}, got {got}")
+        cmap = self.embedding(c.to(features[0].dtype)) if self.embedding is not None else None
+        total = sum(_projection(head(f).mean(dim=(2, 3)), cmap) for head, f in zip(self.heads, features))
+        return total / math.sqrt(len(self.heads))
+
+
 class Discriminator(nn.Module):
-    """``D(img [B, img_channels, R, R], c [B, c_dim]) -> logits [B, 1]`` (no sigmoid)."""
+    """``D(img [B, img_channels, R, R], c [B, c_dim]) -> logits [B, 1]`` (no sigmoid).
+
+    With ``feature_channels``, ``D(img, c, features)`` also takes the classifier's feature maps of
+    ``img`` and adds the :class:`FeatureHeads` logit to the image logit.
+    """
 
     def __init__(
         self,
@@ -171,6 +250,7 @@ class Discriminator(nn.Module):
         conv_clamp: float | None = None,
         img_channels: int = 3,
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
+        feature_channels: Sequence[int] | None = None,  # channels of the classifier's maps; None = no feature heads
     ) -> None:
         super().__init__()
         if c_dim < 0:
@@ -188,22 +268,32 @@ class Discriminator(nn.Module):
         if c_dim > 0:
             self.embed = EqualizedLinear(c_dim, self.cmap_dim)
             self.cmap = EqualizedLinear(self.cmap_dim, self.cmap_dim, activation="lrelu")
+        self.feature_heads = FeatureHeads(feature_channels, c_dim) if feature_channels else None
 
     def forward(
         self,
         img: torch.Tensor,  # [batch, img_channels, R, R], about [-1, 1]
         c: torch.Tensor | None,  # [batch, c_dim] class probabilities; None when c_dim == 0
+        features: Sequence[torch.Tensor] | None = None,  # the classifier's maps of img (with feature heads)
     ) -> torch.Tensor:  # [batch, 1] logits
+        if (features is None) != (self.feature_heads is None):
+            raise ValueError("this discriminator " + ("reads the classifier's features of each image: pass features="
+                                                      if features is None else "has no feature heads: features= "
+                                                      "needs a discriminator built with feature_channels"))
         x = self.mbstd(self.trunk(img))
         x = self.conv(x)
         h = self.out(self.fc(x.flatten(1)))
         if self.c_dim == 0:
             if c is not None and c.numel() > 0:
                 raise ValueError(f"this discriminator is unconditional (c_dim=0) but got c of shape {tuple(c.shape)}")
-            return h
-        if c is None or c.shape != (img.shape[0], self.c_dim):
-            got = None if c is None else tuple(c.shape)
-            raise ValueError(f"c must have shape [{img.shape[0]}, {self.c_dim}] (class probabilities), got {got}")
-        # Normalising the embedding keeps the projection's scale independent of how peaked c is.
-        cmap = self.cmap(normalize_2nd_moment(self.embed(c.to(h.dtype))))
-        return (h * cmap).sum(dim=1, keepdim=True) / math.sqrt(self.cmap_dim)
+            logits = h
+        else:
+            if c is None or c.shape != (img.shape[0], self.c_dim):
+                got = None if c is None else tuple(c.shape)
+                raise ValueError(f"c must have shape [{img.shape[0]}, {self.c_dim}] (class probabilities), got {got}")
+            # Normalising the embedding keeps the projection's scale independent of how peaked c is.
+            cmap = self.cmap(normalize_2nd_moment(self.embed(c.to(h.dtype))))
+            logits = _projection(h, cmap)
+        if self.feature_heads is not None:
+            logits = logits + self.feature_heads(features, c)
+        return logits

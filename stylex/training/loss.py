@@ -77,6 +77,9 @@ class LossConfig:
     ada_target: float = 0.6  # ada: the target of r_t = E[sign(D(real))]; p rises while r_t is above it
     ada_interval: int = 4  # ada: discriminator steps between updates of p
     ada_kimg: float = 10.0  # ada: kimg for p to go 0 -> 1 (paper: 500 for millions; runs here see 10-60k: 0.1 per 1k)
+    # D also reads the frozen classifier's feature maps of every image it sees, through heads of
+    # its own (stylex.networks.discriminator.FeatureHeads), and adds their logit to its own
+    d_features: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -98,6 +101,8 @@ class LossConfig:
         if self.ada_interval < 1 or not self.ada_kimg > 0:
             raise ValueError(f"loss.ada_interval must be >= 1 and loss.ada_kimg > 0, "
                              f"got {self.ada_interval!r} and {self.ada_kimg!r}")
+        if not isinstance(self.d_features, bool):
+            raise ValueError(f"loss.d_features must be true or false, got {self.d_features!r}")
         resolve_backend(self.perceptual_backend)  # names the option when the backend is unknown
 
     @classmethod
@@ -166,8 +171,12 @@ class StylexLoss:
 
     # ------------------------------------------------------------------ shared pieces
     def _discriminate(self, img: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """D's logits on ``img`` after the augmentation pipe (differentiable in ``img``)."""
-        return self.D(img if self.augment is None else self.augment(img), c)
+        """D's logits on ``img`` after the augmentation pipe (differentiable in ``img``); a D with
+        feature heads also gets the classifier's feature maps of the augmented image."""
+        x = img if self.augment is None else self.augment(img)
+        if getattr(self.D, "feature_heads", None) is None:
+            return self.D(x, c)
+        return self.D(x, c, features=self.C(x)[1])
 
     def _classify(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if features and self.perceptual_backend == "classifier":

@@ -107,13 +107,15 @@ class StylexModule(pl.LightningModule):
             "info": dict(info or {}),
         }, logger=False)  # the run logs its whole resolved config once (stylex.training.run)
 
-        self.D = Discriminator(**discriminator)
-        self.E = Encoder(**encoder)
-        self.G_ema = make_ema(self.G)
         if getattr(classifier, "frozen", True) is False and hasattr(classifier, "freeze"):
             classifier.freeze()
         classifier.eval().requires_grad_(False)
         self.C = ClassifierFeatures(classifier)
+        # The feature heads' sizes follow the classifier (not saved: the loss config rebuilds them).
+        features = {"feature_channels": self.C.channels(int(generator["resolution"]))} if self.loss_cfg.d_features else {}
+        self.D = Discriminator(**discriminator, **features)
+        self.E = Encoder(**encoder)
+        self.G_ema = make_ema(self.G)
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
         # The pipe is a submodule, so its p is checkpointed and restored on resume; "fixed" never

@@ -90,6 +90,15 @@ class ClassifierFeatures(nn.Module):
         feats, self._captured = self._captured, []
         return logits, feats
 
+    @torch.no_grad()
+    def channels(self, resolution: int, in_chans: int = 3) -> list[int]:
+        """Channel counts of the feature maps :meth:`forward` returns for ``resolution``-pixel
+        images (one probe forward on zeros, on the classifier's device)."""
+        param = next(self.classifier.parameters(), None)
+        device = param.device if param is not None else None
+        _, feats = self(torch.zeros(1, in_chans, resolution, resolution, device=device))
+        return [int(f.shape[1]) for f in feats]
+
 
 def feature_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """LPIPS-style distance between two lists of feature maps: sum over stages of the mean
