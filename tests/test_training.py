@@ -551,11 +551,8 @@ def test_discriminator_phase_is_the_logistic_loss_plus_the_scaled_r1_penalty(tmp
     if d_features:  # one head per feature map of the classifier, sized from it
         assert module.D.feature_heads.channels == [f.shape[1] for f in module.C(torch.zeros(1, 3, 16, 16))[1]]
 
-    def D(img, c):
-        return module.D(img, c, features=clf_features(img)) if d_features else module.D(img, c)
-
-    def clf_features(img):
-        return module.C(img)[1]
+    def D(img, c):  # D as defined: with heads it also reads C's feature maps of the same image
+        return module.D(img, c, features=module.C(img)[1]) if d_features else module.D(img, c)
 
     x = next(iter(dm.train_dataloader()))["image"]
     inputs = module.loss.prepare(x)

@@ -174,9 +174,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
             except UsageError as e:
                 say(f"note: no real images for the KID figures ({e})")
 
-    finder.config = AttFindConfig(shift_size=req.shift_size, measure=req.measure, batch_size=req.batch_size,
-                                  layers=req.layers,
-                                  prescreen=choose_prescreen(req, finder, flat.shape[0], say))
+    finder.config = replace(finder.config, prescreen=choose_prescreen(req, finder, flat.shape[0], say))
     sections: dict[str, Any] = {}
     if req.refine_steps > 0:
         if inputs is None:
