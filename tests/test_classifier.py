@@ -26,6 +26,7 @@ from stylex.classifier import (
     ClassifierTraining,
     build_classifier,
     add_pixel_noise,
+    jitter_colour,
     flip_and_shift,
     inverse_frequency_weights,
     prepare_classifier,
@@ -294,6 +295,46 @@ def test_pixel_noise_has_a_per_image_std_uniform_up_to_the_maximum():
         ClassifierTraining(noise_std=-0.1)
 
 
+def test_colour_jitter_is_a_per_image_brightness_contrast_and_tint_change_within_its_strength():
+    torch.manual_seed(0)
+    x = torch.rand(500, 3, 8, 8) * 2 - 1
+    assert torch.equal(jitter_colour(x, 0.0), x)
+    s = 0.3
+    y = jitter_colour(x, s)
+    # Each image is (x - mean) * k + mean + shift_c: recover k and the per-channel shift by least
+    # squares from the definition, and check that they explain the image exactly and lie in range.
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    centred = (x - mean).flatten(2)  # [B, C, P]
+    target = (y - mean).flatten(2)
+    dev_x = centred - centred.mean(2, keepdim=True)
+    dev_y = target - target.mean(2, keepdim=True)
+    k = (dev_x * dev_y).sum(dim=(1, 2)) / dev_x.pow(2).sum(dim=(1, 2))
+    shift = (target - k[:, None, None] * centred).mean(2)  # [B, C]
+    rebuilt = k[:, None, None] * centred + shift[..., None]
+    torch.testing.assert_close(rebuilt, target, atol=1e-4, rtol=0)
+    assert float(k.log().abs().max()) <= s + 1e-4 and float(k.log().abs().max()) > 0.9 * s
+    assert float(shift.abs().max()) <= 1.5 * s + 1e-4
+    common = shift.mean(1)  # brightness plus the mean tint: spread over [-1.5 s, 1.5 s], not constant
+    assert float(common.std()) > 0.5 * s / 3 ** 0.5
+    tint = shift - common[:, None]
+    assert float(tint.abs().max()) > 0.2 * s, "the channels must be shifted apart"
+    with pytest.raises(ConfigError, match="classifier.train.color_jitter must be >= 0"):
+        ClassifierTraining(color_jitter=-0.1)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step outside a Trainer logs nothing
+def test_the_classifier_trains_on_colour_jittered_images_when_asked():
+    x = torch.zeros(8, 3, 16, 16)
+    labels = torch.zeros(8, dtype=torch.long)
+    for strength, jittered in ((0.0, False), (0.4, True)):
+        module = ClassifierModule(Classifier("test_resnet", 2), augment=False, color_jitter=strength)
+        assert module.hparams.color_jitter == strength
+        seen = []
+        module.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+        module.training_step({"image": x, "label": labels}, 0)
+        assert bool(seen[-1].abs().sum() > 0) is jittered
+
+
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step outside a Trainer logs nothing
 def test_the_classifier_trains_on_noisy_images_when_asked():
     x = torch.zeros(8, 3, 16, 16)
@@ -450,9 +491,11 @@ def test_prepare_classifier_hands_the_stage_its_options_and_restores_the_batch_s
     monkeypatch.setattr(stage_mod, "train_classifier", fake_train)
     dm = _PlantedDataModule(num_train=64, num_val=32)
     main_run = {"accelerator": "cpu", "strategy": "ddp_find_unused_parameters_true", "max_steps": 100}
-    config = ClassifierConfig(arch=TINY, train=ClassifierTraining(max_epochs=2, batch_size=16))
+    config = ClassifierConfig(arch=TINY, train=ClassifierTraining(max_epochs=2, batch_size=16, color_jitter=0.25,
+                                                                  noise_std=0.1))
     with pytest.raises(RuntimeError, match="stop here"):
         prepare_classifier(config, dm, tmp_path, main_run, [])
+    assert seen["color_jitter"] == 0.25 and seen["noise_std"] == 0.1
     assert dm.batch_size == 32, "the data module's batch size was not restored after a failure"
     assert seen["batch_size"] == 16 and seen["out_dir"] == tmp_path
     # Every classifier parameter gets a gradient, so DDP need not look for unused ones.

@@ -24,6 +24,7 @@ from stylex.classifier.stage import ClassifierConfig, ClassifierTraining, build_
 from stylex.classifier.training import (
     ClassifierModule,
     add_pixel_noise,
+    jitter_colour,
     flip_and_shift,
     inverse_frequency_weights,
     train_classifier,
@@ -36,6 +37,7 @@ __all__ = [
     "ClassifierTraining",
     "build_classifier",
     "add_pixel_noise",
+    "jitter_colour",
     "flip_and_shift",
     "inverse_frequency_weights",
     "prepare_classifier",

@@ -123,10 +123,12 @@ class ClassifierTraining:
     batch_size: Optional[int] = None  # the classifier stage's batch size (None = the data module's)
     label_smoothing: float = 0.0  # cross-entropy against softened labels, in [0, 1) (a less saturated classifier)
     noise_std: float = 0.0  # Gaussian pixel noise of std uniform in [0, noise_std] on training images (0 = off)
+    color_jitter: float = 0.0  # per-image brightness, contrast and tint jitter of this strength (0 = off)
 
     def __post_init__(self) -> None:
         section = "classifier.train"
         self.noise_std = _real(f"{section}.noise_std", self.noise_std, positive=False)
+        self.color_jitter = _real(f"{section}.color_jitter", self.color_jitter, positive=False)
         self.label_smoothing = _real(f"{section}.label_smoothing", self.label_smoothing, positive=False)
         if self.label_smoothing >= 1:
             raise ConfigError(f"{section}.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
@@ -333,6 +335,7 @@ def prepare_classifier(
             logger=list(loggers) or None,
             label_smoothing=train.label_smoothing,
             noise_std=train.noise_std,
+            color_jitter=train.color_jitter,
         )
     finally:
         datamodule.batch_size = gan_batch

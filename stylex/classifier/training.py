@@ -60,6 +60,28 @@ def add_pixel_noise(
     return images + std * torch.randn_like(images)
 
 
+def jitter_colour(
+    images: torch.Tensor,  # [B, C, H, W] in [-1, 1]
+    strength: float,  # s: largest brightness shift, log-contrast change and twice the per-channel shift
+) -> torch.Tensor:
+    """Photometric augmentation, drawn per image: a brightness shift uniform in ``[-s, s]``, a
+    contrast factor ``exp(u)`` with u uniform in ``[-s, s]`` (about the image's mean), and a
+    colour-balance shift per channel uniform in ``[-s/2, s/2]``. A classifier trained so cannot
+    read its classes from the whole image's brightness or tint, which a generator conditioned
+    on it would otherwise change instead of drawing the structures the classes differ by."""
+    s = float(strength)
+    if s == 0:
+        return images
+    b, c = images.shape[:2]
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, 1, 1, device=images.device, dtype=images.dtype) * 2 - 1) * s
+
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = uniform(b, 1).exp()
+    return (images - mean) * contrast + mean + uniform(b, 1) + uniform(b, c) / 2
+
+
 def flip_and_shift(
     images: torch.Tensor,  # [B, C, H, W]
     max_shift: int,  # largest translation in pixels, along each axis
@@ -121,6 +143,7 @@ class ClassifierModule(pl.LightningModule):
         max_shift: float = 0.0625,  # largest translation, as a fraction of the image side
         label_smoothing: float = 0.0,  # cross-entropy against (1 - e) one-hot + e / K (0 = plain labels)
         noise_std: float = 0.0,  # Gaussian pixel noise, std uniform in [0, noise_std] per image (0 = off)
+        color_jitter: float = 0.0,  # photometric jitter strength (see jitter_colour; 0 = off)
     ) -> None:
         super().__init__()
         if classifier is None:
@@ -145,6 +168,7 @@ class ClassifierModule(pl.LightningModule):
                 "max_shift": float(max_shift),
                 "label_smoothing": float(label_smoothing),
                 "noise_std": float(noise_std),
+                "color_jitter": float(color_jitter),
             }
         )
         self.classifier = classifier
@@ -168,6 +192,8 @@ class ClassifierModule(pl.LightningModule):
         if self.hparams.augment:
             shift = round(self.hparams.max_shift * min(images.shape[-2:]))
             images = flip_and_shift(images, shift)
+        if self.hparams.get("color_jitter", 0.0) > 0:
+            images = jitter_colour(images, self.hparams.color_jitter)
         if self.hparams.get("noise_std", 0.0) > 0:
             images = add_pixel_noise(images, self.hparams.noise_std)
         logits = self.classifier(images)
@@ -245,6 +271,7 @@ def train_classifier(
     logger: Any = None,  # a Lightning logger, or None for no logging
     label_smoothing: float = 0.0,  # see ClassifierModule
     noise_std: float = 0.0,  # see ClassifierModule
+    color_jitter: float = 0.0,  # see ClassifierModule
 ) -> tuple[Classifier, dict[str, Any]]:
     """Train ``classifier`` on ``datamodule`` with its own short Lightning run, save it, freeze it.
 
@@ -291,7 +318,7 @@ def train_classifier(
     )
     module = ClassifierModule(
         classifier, lr=lr, weight_decay=weight_decay, class_weights=class_weights, augment=augment,
-        label_smoothing=label_smoothing, noise_std=noise_std,
+        label_smoothing=label_smoothing, noise_std=noise_std, color_jitter=color_jitter,
     )
 
     start = time.perf_counter()
