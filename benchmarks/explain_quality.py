@@ -19,6 +19,14 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
   renders with the top-k attributes applied and of the unedited renders (a flip won by leaving
   the data manifold shows as a higher edited KID), and the agreement of the unedited renders
   with the classifier's prediction on their real inputs;
+- how concentrated the class is in StyleSpace: switching generated samples from class 0 to
+  class k on only the 1, 10 or 100 coordinates of largest class contrast, and on all of them,
+  and the change of the causal factors each gives (:func:`stylex.explain.factors.
+  class_shift_concentration`). A single coordinate can only be credited with a factor when one
+  coordinate carries a good part of the class's effect on it;
+- how often global brightness, contrast, tint and noise changes of the validation images change
+  the classifier's prediction (:func:`stylex.explain.metrics.photometric_sensitivity`): where
+  they do, a colour attribute is a true explanation of the classifier, though not of the data;
 - what the explained (unedited) renders carry of their inputs, per predicted class: the
   classifier's probability and the lesion counts the probe reads, real -> render. Renders that
   keep "DR signs" without the lesions show a generator that satisfies the classifier some other
@@ -56,10 +64,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from stylex.explain.attfind import AttFind, AttFindConfig  # noqa: E402
-from stylex.explain.factors import ground_truth  # noqa: E402
+from stylex.explain.factors import class_shift_concentration, ground_truth  # noqa: E402
 from stylex.explain.inputs import latest_export_run as find_latest_run  # noqa: E402
 from stylex.explain.inputs import run_config, validation_images  # noqa: E402
-from stylex.explain.metrics import sufficiency  # noqa: E402
+from stylex.explain.metrics import photometric_sensitivity, sufficiency  # noqa: E402
 from stylex.explain.pipeline import manifold_lines  # noqa: E402
 from stylex.explain.refine import refine_latents  # noqa: E402
 from stylex.export import load_export  # noqa: E402
@@ -166,6 +174,8 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     gt = ground_truth(result, finder.evaluator, probe, min_effect=args.min_effect)
     # Renders of generated samples have no real inputs to compare with.
     carried = what_renders_carry(finder, flat, images, exp.classifier, probe) if encoded else {}
+    concentration = class_shift_concentration(exp.generator, probe, counts=(1, 10, 100))
+    photometric = photometric_sensitivity(exp.classifier, images)
     thresholds = sorted({args.min_effect, 0.25, 0.1, 0.05}, reverse=True)
     sensitivity = {t: gt.scores_at(t) for t in thresholds}
     summary_file = run / "summary.json"
@@ -184,6 +194,8 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
         "ground_truth_by_min_effect": {str(t): {"recovery": r, "purity": p} for t, (r, p) in sensitivity.items()},
         "rankings": {names[c]: [a.to_dict() for a in result.rankings[c]] for c in result.classes},
         "renders_carry": {names[k]: v for k, v in carried.items()},
+        "class_shift": {names[k]: v for k, v in concentration["classes"].items()},
+        "classifier_photometric_flips": photometric,
         "generator": {k: v for k, v in summary.items() if k.startswith("val/")},
         "fid_history": [(h.get("g_steps"), h.get("val/fid")) for h in history],
         "fit_seconds": summary.get("fit_seconds"),
@@ -213,6 +225,14 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
         lesions = ", ".join(f"{n} {v['real']:.2f} -> {v['render']:.2f}" for n, v in row.items() if isinstance(v, dict))
         print(f"explained renders of the {row['images']} images predicted '{names[k]}': p {row['p_real']:.3f} -> "
               f"{row['p_render']:.3f}; lesions read by the probe, real -> render: {lesions}")
+    print("classifier's predictions changed by global image changes: "
+          + ", ".join(f"{name} {v:.2f}" for name, v in photometric.items()))
+    causal = gt.causal
+    for k, row in concentration["classes"].items():
+        parts = [f"{m} coordinate{'s' if m > 1 else ''}: " + ", ".join(f"{f} {ch[f]:+.2f}" for f in causal)
+                 for m, ch in row["changes"].items()]
+        print(f"class switch {names[0]} -> {names[k]} on generated samples, moving the coordinates of largest "
+              f"class contrast (factor change in std): " + "; ".join(parts))
     if out["generator"]:
         g = out["generator"]
         print("generator: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in g.items()

@@ -31,6 +31,7 @@ from stylex.explain.cli import main
 from stylex.explain.drawing import line_plot, pair_panel, toggle_frames
 from stylex.explain.factors import (
     GroundTruth,
+    class_shift_concentration,
     factor_changes,
     ground_truth,
     main_factor,
@@ -38,7 +39,7 @@ from stylex.explain.factors import (
 )
 from stylex.explain.loggers import log_report, log_to_wandb
 from stylex.explain.measures import apply_edits, measure_change, shift_targets
-from stylex.explain.metrics import agreement, sufficiency
+from stylex.explain.metrics import agreement, photometric_sensitivity, sufficiency
 from stylex.explain.pipeline import explain_run
 from stylex.explain.request import ExplainRequest
 from stylex.explain.report import Report, write_report
@@ -412,6 +413,66 @@ def test_ground_truth_attributes_the_planted_coordinate_to_its_factor(planted, p
     assert gt.recovery == 0.5  # "haemorrhages" is never found
     factors = [f for c in (0, 1) for f in gt.per_class[c]["factors"]]
     assert gt.purity == pytest.approx(sum(f == "exudates" for f in factors) / len(factors))
+
+
+def test_class_shift_concentration_finds_the_one_coordinate_that_carries_the_class():
+    g = planted_generator()
+    space = StyleSpace(g)
+    planted_index = space.index(*PLANTED)
+    layer, ch = PLANTED
+    with torch.no_grad():  # the class reaches the planted coordinate only
+        for _, module in g.synthesis.named_layers():
+            module.affine.weight[:, g.w_dim:] = 0
+        g.synthesis.blocks[layer.split(".")[0]].torgb.affine.weight[ch, g.w_dim + 1] = 20.0
+    probe = ChannelProbe()
+    out = class_shift_concentration(g, probe, counts=(1, 5), num=16, seed=3)
+    row = out["classes"][1]
+    assert row["top_coordinates"][0] == planted_index
+    # Independently: the same samples rendered under each one-hot class, read by the probe.
+    z = torch.randn(16, g.z_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        w = g.mapping(z, truncation_psi=1.0, update_w_avg=False)
+        eye = torch.eye(2)
+        reds = [g.generate(w, eye[k].expand(16, 2), noise_mode="const").clamp(-1, 1)[:, 0].mean(dim=(1, 2))
+                for k in (0, 1)]
+    expected = float((reds[1] - reds[0]).mean()) / 0.05
+    assert abs(expected) > 1.0
+    for m in (1, 5, space.dim):
+        assert row["changes"][m]["exudates"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert set(row["changes"]) == {1, 5, space.dim}
+    with pytest.raises(ValueError, match="at least two classes"):
+        class_shift_concentration(Generator(**{**G_KW, "c_dim": 0}), probe)
+
+
+class _HalvesReader(nn.Module):
+    """Class 1 when the top half is brighter than the bottom half: blind to global shifts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-2] // 2
+        d = x[..., :h, :].mean(dim=(1, 2, 3)) - x[..., h:, :].mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(d), 50 * d], dim=1) + self.dummy
+
+
+def test_photometric_sensitivity_counts_the_prediction_changes_of_global_image_changes():
+    torch.manual_seed(0)
+    x = torch.rand(200, 3, 8, 8) * 1.2 - 0.6  # within [-0.6, 0.6], so a 0.2 shift is never clipped
+    mean_reader = RedReader(tau=0.0, beta=50.0)  # class 1 when the red mean is above 0
+    flips = photometric_sensitivity(mean_reader, x)
+    red = x[:, 0].mean(dim=(1, 2))
+    assert flips["darker by 0.2"] == pytest.approx(float(((red > 0) & (red - 0.2 <= 0)).float().mean()))
+    assert flips["brighter by 0.2"] == pytest.approx(float(((red <= 0) & (red + 0.2 > 0)).float().mean()))
+    assert flips["contrast x 0.7"] == 0.0  # the sign of the red mean survives scaling
+    assert flips["darker by 0.2"] > 0.05
+    planted = x.clone()  # a local structure decides the class: global changes move nothing
+    planted[:, :, :4] += torch.where(torch.rand(200) < 0.5, 0.3, -0.3)[:, None, None, None]
+    planted = planted.clamp(-0.7, 0.7)
+    local = photometric_sensitivity(_HalvesReader(), planted)
+    for name in ("darker by 0.2", "brighter by 0.2", "contrast x 0.7", "yellow tint 0.2"):
+        assert local[name] == 0.0, (name, local)
 
 
 def test_factor_probe_names_the_factor_an_edit_changes():

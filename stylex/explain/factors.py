@@ -145,3 +145,57 @@ def ground_truth(
     extra = {"unreadable_causal_factors": missing} if missing else {}
     return GroundTruth(per_class=per_class, recovery=recovery, purity=purity, probe_r2=dict(probe.r2),
                        readable=readable, causal=causal, min_effect=float(min_effect), extra=extra)
+
+
+# ============================================================================ the class in StyleSpace
+@torch.no_grad()
+def class_shift_concentration(
+    generator: torch.nn.Module,  # a class-conditioned Generator
+    probe: FactorProbe,
+    counts: Sequence[int] = (1, 10, 100),  # numbers of coordinates to move, largest contrast first
+    num: int = 64,  # samples the change is averaged over
+    seed: int = 0,
+    noise_mode: str = "const",
+) -> dict[str, Any]:
+    """How many StyleSpace coordinates carry the class's effect on each factor.
+
+    Switching a sample's class vector from one-hot class 0 to one-hot class k moves every style
+    coordinate by its class contrast (:meth:`~stylex.networks.Generator.class_contrasts`). This
+    moves only the ``m`` coordinates with the largest contrast (relative to the coordinate's
+    spread over the samples), renders, and reads the factors with the probe: the mean change in
+    standard deviations, for each m in ``counts`` and for all coordinates. AttFind ranks single
+    coordinates, so when one coordinate moves a causal factor by much less than the full switch
+    does, no ranking can credit that factor: the generator spreads the class over many
+    coordinates."""
+    from stylex.stylespace import StyleSpace
+
+    k_classes = int(getattr(generator, "c_dim", 0))
+    if k_classes < 2:
+        raise ValueError("the class shift needs a generator conditioned on at least two classes")
+    space = StyleSpace(generator)
+    device = next(generator.parameters()).device
+    probe_device = next(probe.parameters()).device
+    gen = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(num, generator.z_dim, generator=gen).to(device)
+    w = generator.mapping(z, truncation_psi=1.0, update_w_avg=False)
+    eye = torch.eye(k_classes, device=device)
+    base = space.flat_styles(w, eye[0].expand(num, -1))
+
+    def read(flat: torch.Tensor) -> torch.Tensor:
+        img = space.render(flat, noise_mode=noise_mode).clamp(-1, 1)
+        return probe.read(img.to(probe_device)).cpu() / probe.std.cpu()
+
+    before = read(base)
+    out: dict[str, Any] = {"classes": {}, "num": num, "dim": space.dim}
+    for k in range(1, k_classes):
+        switched = space.flat_styles(w, eye[k].expand(num, -1))
+        relative = (switched[0] - base[0]).abs() / torch.cat([base, switched]).std(0).clamp_min(1e-8)
+        order = relative.argsort(descending=True)
+        rows = {}
+        for m in sorted({min(int(m), space.dim) for m in counts} | {space.dim}):
+            moved = base.clone()
+            moved[:, order[:m]] = switched[:, order[:m]]
+            delta = (read(moved) - before).mean(0)
+            rows[m] = {name: float(v) for name, v in zip(probe.factor_names, delta)}
+        out["classes"][k] = {"changes": rows, "top_coordinates": [int(i) for i in order[:max(counts)]]}
+    return out

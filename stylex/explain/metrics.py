@@ -275,3 +275,37 @@ def agreement(
 
     return {"k": k, "class_overlap": mean(overlap), "class_top1": mean(top1),
             "image_overlap": mean(img_overlap), "image_top1": mean(img_top1)}
+
+
+# Global image changes that carry no class in a data set whose classes differ by local structures
+# (lesions, spots): each is (name, function of images in [-1, 1]).
+PHOTOMETRIC_SHIFTS: tuple[tuple[str, Any], ...] = (
+    ("darker by 0.2", lambda x: x - 0.2),
+    ("brighter by 0.2", lambda x: x + 0.2),
+    ("contrast x 0.7", lambda x: x * 0.7),
+    ("yellow tint 0.2", lambda x: x + x.new_tensor([0.2, 0.2, -0.1])[None, :, None, None]),
+    ("pixel noise 0.1", lambda x: x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)),
+)
+
+
+@torch.no_grad()
+def photometric_sensitivity(
+    classifier: torch.nn.Module,  # images in [-1, 1] -> logits [B, K]
+    images: torch.Tensor,  # [N, 3, R, R] in [-1, 1]
+    shifts: Sequence[tuple[str, Any]] = PHOTOMETRIC_SHIFTS,
+    batch_size: int = 256,
+) -> dict[str, float]:  # shift name -> share of images whose predicted class changes
+    """How often the classifier's prediction changes under global brightness, contrast, tint and
+    noise changes of the images (clamped to [-1, 1]). A classifier that flips under them can be
+    moved by a generator that changes the whole image's colour instead of drawing what the
+    classes differ by; an explanation of it then truly ranks colour."""
+    weight = next(iter(classifier.parameters()), None)
+    device = weight.device if weight is not None else images.device
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([classifier(x[i : i + batch_size].clamp(-1, 1).to(device)).argmax(1).cpu()
+                          for i in range(0, x.shape[0], batch_size)])
+
+    images = images.float().cpu()
+    before = predict(images)
+    return {name: float((predict(fn(images)) != before).float().mean()) for name, fn in shifts}
