@@ -160,10 +160,11 @@ def class_shift_concentration(
     """How many StyleSpace coordinates carry the class's effect on each factor.
 
     Switching a sample's class vector from one-hot class 0 to one-hot class k moves every style
-    coordinate by its class contrast (:meth:`~stylex.networks.Generator.class_contrasts`). This
-    moves only the ``m`` coordinates with the largest contrast (relative to the coordinate's
-    spread over the samples), renders, and reads the factors with the probe: the mean change in
-    standard deviations, for each m in ``counts`` and for all coordinates. AttFind ranks single
+    coordinate by a fixed amount, its class contrast (the affines read ``cat([w, c])``, so the
+    move is the same for every w). This moves only the ``m`` coordinates with the largest
+    contrast (relative to the coordinate's spread over the samples), renders, and reads the
+    factors with the probe: the mean change in standard deviations, for each m in ``counts`` and
+    for all coordinates. AttFind ranks single
     coordinates, so when one coordinate moves a causal factor by much less than the full switch
     does, no ranking can credit that factor: the generator spreads the class over many
     coordinates."""
