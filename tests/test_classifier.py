@@ -323,28 +323,17 @@ def test_colour_jitter_is_a_per_image_brightness_contrast_and_tint_change_within
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step outside a Trainer logs nothing
-def test_the_classifier_trains_on_colour_jittered_images_when_asked():
+@pytest.mark.parametrize("option, strength", [("noise_std", 0.5), ("color_jitter", 0.4)])
+def test_the_classifier_trains_on_augmented_images_when_asked(option, strength):
     x = torch.zeros(8, 3, 16, 16)
     labels = torch.zeros(8, dtype=torch.long)
-    for strength, jittered in ((0.0, False), (0.4, True)):
-        module = ClassifierModule(Classifier("test_resnet", 2), augment=False, color_jitter=strength)
-        assert module.hparams.color_jitter == strength
+    for value, changed in ((0.0, False), (strength, True)):
+        module = ClassifierModule(Classifier("test_resnet", 2), augment=False, **{option: value})
+        assert module.hparams[option] == value
         seen = []
         module.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
         module.training_step({"image": x, "label": labels}, 0)
-        assert bool(seen[-1].abs().sum() > 0) is jittered
-
-
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step outside a Trainer logs nothing
-def test_the_classifier_trains_on_noisy_images_when_asked():
-    x = torch.zeros(8, 3, 16, 16)
-    labels = torch.zeros(8, dtype=torch.long)
-    for std, noisy in ((0.0, False), (0.5, True)):
-        module = ClassifierModule(Classifier("test_resnet", 2), augment=False, noise_std=std)
-        seen = []
-        module.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-        module.training_step({"image": x, "label": labels}, 0)
-        assert bool(seen[-1].abs().sum() > 0) is noisy
+        assert bool(seen[-1].abs().sum() > 0) is changed
 
 
 # ----------------------------------------------------------------------------- training stage
