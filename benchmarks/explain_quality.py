@@ -24,6 +24,12 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
   and the change of the causal factors each gives (:func:`stylex.explain.factors.
   class_shift_concentration`). A single coordinate can only be credited with a factor when one
   coordinate carries a good part of the class's effect on it;
+- the bound on recovery of any ranking of single coordinates: every searched coordinate is
+  moved alone, in both directions, on ``--bound-images`` images of each class's pool, and the
+  probe reads what it changes (:func:`stylex.explain.factors.single_coordinate_bound`). Where no
+  coordinate has a causal factor as its main factor, the generator has no attribute for AttFind
+  to find; where some do and the ranking missed them, the search is at fault. It renders
+  ``2 x coordinates x images`` edits (about 110 s for 8 images per class on 2 CPU cores);
 - how often global brightness, contrast, tint and noise changes of the validation images change
   the classifier's prediction (:func:`stylex.explain.metrics.photometric_sensitivity`): where
   they do, a colour attribute is a true explanation of the classifier, though not of the data;
@@ -64,12 +70,18 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from stylex.explain.attfind import AttFind, AttFindConfig  # noqa: E402
-from stylex.explain.factors import class_shift_concentration, ground_truth  # noqa: E402
+from stylex.explain.factors import (  # noqa: E402
+    class_shift_concentration,
+    coordinate_factor_effects,
+    ground_truth,
+    single_coordinate_bound,
+)
 from stylex.explain.inputs import latest_export_run as find_latest_run  # noqa: E402
 from stylex.explain.inputs import run_config, validation_images  # noqa: E402
 from stylex.explain.metrics import photometric_sensitivity, sufficiency  # noqa: E402
 from stylex.explain.pipeline import manifold_lines  # noqa: E402
 from stylex.explain.refine import refine_latents  # noqa: E402
+from stylex.explain.result import searched_coordinates  # noqa: E402
 from stylex.export import load_export  # noqa: E402
 from stylex.metrics.probe import cached_factor_probe  # noqa: E402
 
@@ -110,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-epochs", type=int, default=10)
     ap.add_argument("--min-effect", type=float, default=0.25,
                     help="factor change (in standard deviations) an attribute needs for a main factor")
+    ap.add_argument("--bound-images", type=int, default=8,
+                    help="images per class on which every searched coordinate is tried, for the bound on "
+                         "recovery of any single-coordinate ranking (0: skip it)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -175,6 +190,14 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     # Renders of generated samples have no real inputs to compare with.
     carried = what_renders_carry(finder, flat, images, exp.classifier, probe) if encoded else {}
     concentration = class_shift_concentration(exp.generator, probe, counts=(1, 10, 100))
+    bound, t_bound = None, time.perf_counter()
+    if args.bound_images > 0:
+        coords = torch.nonzero(searched_coordinates(finder.space, args.layers)).flatten()
+        effects = {c: coordinate_factor_effects(exp.generator, probe, result.flat[result.pools[c][:args.bound_images]],
+                                                result.targets[result.pools[c][:args.bound_images]], coords)
+                   for c in result.classes if result.pools[c].numel()}
+        bound = single_coordinate_bound(effects, probe.factor_names, gt.readable, gt.causal, args.min_effect, coords)
+    t_bound = time.perf_counter() - t_bound
     photometric = photometric_sensitivity(exp.classifier, images)
     thresholds = sorted({args.min_effect, 0.25, 0.1, 0.05}, reverse=True)
     sensitivity = {t: gt.scores_at(t) for t in thresholds}
@@ -195,6 +218,8 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
         "rankings": {names[c]: [a.to_dict() for a in result.rankings[c]] for c in result.classes},
         "renders_carry": {names[k]: v for k, v in carried.items()},
         "class_shift": {names[k]: v for k, v in concentration["classes"].items()},
+        "single_coordinate_bound": None if bound is None else {
+            **bound, "classes": {names[k]: v for k, v in bound["classes"].items()}, "seconds": t_bound},
         "classifier_photometric_flips": photometric,
         "generator": {k: v for k, v in summary.items() if k.startswith("val/")},
         "fid_history": [(h.get("g_steps"), h.get("val/fid")) for h in history],
@@ -233,6 +258,14 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
                  for m, ch in row["changes"].items()]
         print(f"class switch {names[0]} -> {names[k]} on generated samples, moving the coordinates of largest "
               f"class contrast (factor change in std): " + "; ".join(parts))
+    if bound is not None:
+        print(f"every searched coordinate alone, on {args.bound_images} images per class ({t_bound:.0f} s): recovery "
+              f"<= {bound['recovery_bound']:.2f} for any single-coordinate ranking")
+        for k, row in bound["classes"].items():
+            print(f"  class '{names[k]}': " + "; ".join(
+                f"{f} at most {v['change']:.2f} std (coordinate {v['coordinate']}, whose main factor is "
+                f"{v['main_factor']} at {v['main_change']:.2f}; {v['coordinates_with_it_as_main_factor']} "
+                f"edits have {f} as main factor)" for f, v in row.items()))
     if out["generator"]:
         g = out["generator"]
         print("generator: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in g.items()

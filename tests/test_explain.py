@@ -32,10 +32,12 @@ from stylex.explain.drawing import line_plot, pair_panel, toggle_frames
 from stylex.explain.factors import (
     GroundTruth,
     class_shift_concentration,
+    coordinate_factor_effects,
     factor_changes,
     ground_truth,
     main_factor,
     recovery_purity,
+    single_coordinate_bound,
 )
 from stylex.explain.loggers import log_report, log_to_wandb
 from stylex.explain.measures import apply_edits, measure_change, shift_targets
@@ -442,6 +444,34 @@ def test_class_shift_concentration_finds_the_one_coordinate_that_carries_the_cla
     assert set(row["changes"]) == {1, 5, space.dim}
     with pytest.raises(ValueError, match="at least two classes"):
         class_shift_concentration(Generator(**{**G_KW, "c_dim": 0}), probe)
+
+
+def test_every_coordinate_alone_gives_the_bound_on_recovery_and_finds_the_planted_one(planted, planted_result):
+    g, probe = planted.G, ChannelProbe()
+    space = StyleSpace(g)
+    planted_index = space.index(*PLANTED)
+    flat, targets = planted_result.flat[:6], planted_result.targets[:6]
+    coords = torch.tensor([0, 7, planted_index, space.dim - 1])
+    effects = coordinate_factor_effects(g, probe, flat, targets, coords, batch_size=5)
+    assert effects.shape == (4, 2, 2)
+    # Independently: each edit applied and rendered in full, read by the probe.
+    with torch.no_grad():
+        before = probe.read(space.render(flat).clamp(-1, 1))
+        for i, c in enumerate(coords.tolist()):
+            for d in (0, 1):
+                edited = apply_edits(flat, targets, torch.full((6, 1), c), torch.full((6, 1), d))
+                after = probe.read(space.render(edited).clamp(-1, 1))
+                torch.testing.assert_close(effects[i, d], ((after - before) / probe.std).mean(0), atol=1e-4, rtol=1e-4)
+    bound = single_coordinate_bound({1: effects}, probe.factor_names, ["exudates", "hue"],
+                                    ["exudates", "haemorrhages"], min_effect=0.25, coords=coords)
+    assert bound["recovery_bound"] == 0.5  # the probe has no "haemorrhages"
+    best = bound["classes"][1]["exudates"]
+    assert best["coordinate"] == planted_index and best["main_factor"] == "exudates"
+    assert best["change"] == pytest.approx(float(effects[2, best["direction"], 0].abs()))
+    assert best["coordinates_with_it_as_main_factor"] >= 1
+    strict = single_coordinate_bound({1: effects}, probe.factor_names, ["exudates", "hue"], ["exudates"],
+                                     min_effect=best["change"] + 1.0, coords=coords)
+    assert strict["recovery_bound"] == 0.0  # no edit moves it that far
 
 
 class _HalvesReader(nn.Module):

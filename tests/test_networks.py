@@ -18,6 +18,7 @@ from stylex.networks import (
     MinibatchStd,
     ModulatedConv2d,
     NoiseInjection,
+    mix_latents,
 )
 from stylex.networks.discriminator import FeatureHeads
 from stylex.ops import setup_filter, upsample2d
@@ -264,6 +265,27 @@ def test_per_layer_latents_drive_their_own_layer():
     assert [not torch.allclose(per_layer[n], shared[n], atol=1e-5) for n in names] == [i == 3 for i in range(len(names))]
     w_plus = torch.randn(2, G.num_ws, 32)
     assert G.condition(w_plus, probs(2, 3)).shape == (2, G.num_ws, 35)
+
+
+def test_style_mixing_switches_from_the_first_latent_to_the_second_at_one_layer():
+    torch.manual_seed(0)
+    n, layers = 4000, 7
+    w1, w2 = torch.randn(n, 5), torch.randn(n, 5)
+    mixed = mix_latents(w1, w2, layers, prob=0.5)
+    assert mixed.shape == (n, layers, 5)
+    from_second = torch.stack([(mixed[:, k] == w2).all(1) for k in range(layers)], 1)  # [n, layers]
+    from_first = torch.stack([(mixed[:, k] == w1).all(1) for k in range(layers)], 1)
+    assert bool((from_first ^ from_second).all())  # every layer takes one latent or the other
+    crossover = layers - from_second.sum(1)  # the first layer of w2 (layers = unmixed)
+    # one switch per image: after the crossover every layer is w2, before it every layer w1
+    assert bool((from_second == (torch.arange(layers)[None] >= crossover[:, None])).all())
+    share = float((crossover < layers).double().mean())
+    assert abs(share - 0.5) < 4 * math.sqrt(0.25 / n)
+    assert set(crossover[crossover < layers].tolist()) == set(range(1, layers))  # never layer 0
+    assert bool((mix_latents(w1, w2, layers, prob=0.0) == w1[:, None]).all())
+    assert bool((mix_latents(w1, w2, layers, prob=1.0)[:, -1] == w2).all())
+    with pytest.raises(ValueError, match="style-mixing probability"):
+        mix_latents(w1, w2, layers, prob=1.5)
 
 
 def test_noise_modes():

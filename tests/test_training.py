@@ -531,6 +531,8 @@ def test_loss_config_names_unknown_options_and_checks_values():
         LossConfig.coerce({"adv": "strong"})
     with pytest.raises(ValueError, match="loss.d_features must be true or false"):
         LossConfig.coerce({"d_features": "yes"})
+    with pytest.raises(ValueError, match=r"loss.style_mixing must be in \[0, 1\]"):
+        LossConfig.coerce({"style_mixing": 1.5})
     cfg = LossConfig.coerce({"adv": 2.0})
     assert cfg.adv == 2.0 and cfg.kl_gen == LossConfig().kl_gen
     assert LossConfig.coerce(cfg) is cfg  # a checked config is not checked again
@@ -816,3 +818,26 @@ def test_a_step_renders_each_path_once_and_d_reads_the_same_images_the_generator
     assert len(d_phase) == 3 and len(g_phase) == 2  # encoder fakes, noise fakes, reals (R1); then both fakes
     torch.testing.assert_close(d_phase[0], g_phase[0])  # x̂: the same render in both phases
     torch.testing.assert_close(d_phase[1], g_phase[1])  # x̃: the same z and the same render
+
+
+@pytest.mark.parametrize("style_mixing", [0.0, 1.0])
+def test_noise_path_styles_come_from_two_latents_under_style_mixing(tmp_path, style_mixing):
+    cfg, dm, clf = _module_and_data(tmp_path, f"loss.style_mixing={style_mixing}", "loss.augment=none")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    seen = []
+    styles = module.G.styles
+    module.G.styles = lambda wc: (seen.append(wc.detach().clone()), styles(wc))[1]
+    c = torch.softmax(torch.randn(6, dm.num_classes), 1)
+    module.loss._noise_images(c)
+    (wc,) = seen
+    if style_mixing == 0:
+        assert wc.ndim == 2  # one latent for every layer
+        return
+    w = wc[..., : module.G.w_dim]
+    assert w.shape[1] == module.G.num_ws
+    first, last = w[:, :1], w[:, -1:]
+    assert bool((first != last).any(-1).all())  # two different latents in every image
+    is_first, is_last = (w == first).all(-1), (w == last).all(-1)
+    assert bool((is_first ^ is_last).all()) and bool(is_first[:, 0].all())
+    assert bool((is_last.long().diff(dim=1) >= 0).all())  # one switch, from the first to the second
+    torch.testing.assert_close(wc[..., module.G.w_dim:], c[:, None].expand(-1, module.G.num_ws, -1))

@@ -10,6 +10,10 @@ original and edited renders, in units of the factor's standard deviation over th
 
 - recovery = share of the causal factors that are the main factor of some attribute;
 - purity = share of the attributes whose main factor is causal.
+
+:func:`single_coordinate_bound` asks the same question of *every* searched coordinate, not only
+the ranked ones: the recovery no single-coordinate ranking of these images can exceed. It tells
+a generator that has no coordinate for a factor apart from a ranking that missed one.
 """
 
 from __future__ import annotations
@@ -200,3 +204,80 @@ def class_shift_concentration(
             rows[m] = {name: float(v) for name, v in zip(probe.factor_names, delta)}
         out["classes"][k] = {"changes": rows, "top_coordinates": [int(i) for i in order[:max(counts)]]}
     return out
+
+
+# ============================================================================ every coordinate
+class _FactorReader(EffectEvaluator):
+    """The rendering engine of AttFind with the probe in the classifier's place: its "log
+    probabilities" are the probe's standardised factor readings, so the prefix-reusing edit
+    renderer gives every edit's factor change."""
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:  # [B, F] in standard deviations
+        probe = self.classifier
+        return (probe.read(images.clamp(-1, 1)) - probe.mean) / probe.std
+
+
+@torch.no_grad()
+def coordinate_factor_effects(
+    generator: torch.nn.Module,
+    probe: FactorProbe,
+    flat: torch.Tensor,  # [N, S] styles of the images
+    targets: torch.Tensor,  # [N, S, 2] each coordinate's edited value toward min / max
+    coords: torch.Tensor | None = None,  # [M] coordinates to measure; None = all
+    batch_size: int | None = None,
+    noise_mode: str = "const",
+) -> torch.Tensor:  # [M, 2, F] signed mean change of each factor, in standard deviations
+    """The mean change of every factor the probe reads when each coordinate alone moves to its
+    target, in each direction, over the images (the quantity :func:`factor_changes` takes the
+    absolute value of, for every coordinate at once)."""
+    n, s = flat.shape
+    coords = torch.arange(s) if coords is None else coords.long().cpu()
+    reader = _FactorReader(generator, probe, batch_size=batch_size, noise_mode=noise_mode)
+    probe_device = next(probe.parameters()).device
+    if probe_device != reader.device:
+        raise ValueError(f"the probe ({probe_device}) and the generator ({reader.device}) must be on one device")
+    m = coords.numel()
+    image = torch.arange(n).repeat_interleave(2 * m)  # image-major: n, then coordinate, then direction
+    cc = coords.repeat_interleave(2).repeat(n)
+    dd = torch.tensor([0, 1]).repeat(n * m)
+    values = targets[image, cc, dd]
+    base, edited = reader.edit_log_probs(flat.to(reader.device), image.to(reader.device), cc.to(reader.device),
+                                         values.to(reader.device))
+    delta = edited.cpu().view(n, m, 2, -1) - base.cpu()[:, None, None, :]
+    return delta.mean(0)
+
+
+def single_coordinate_bound(
+    effects: dict[int, torch.Tensor],  # class -> [M, 2, F] from coordinate_factor_effects on its pool
+    factor_names: Sequence[str],
+    readable: Sequence[str],
+    causal: Sequence[str],
+    min_effect: float = 0.25,
+    coords: torch.Tensor | None = None,  # [M] the coordinates the rows stand for; None = 0..M-1
+) -> dict[str, Any]:
+    """Which causal factors any single (coordinate, direction) has as its main factor.
+
+    Returns ``recovery_bound`` (share of the causal factors that are the main factor of some
+    coordinate on some class's pool: no ranking of single coordinates recovers more), and per
+    class and causal factor the coordinate that moves the factor most, how far, and that
+    coordinate's main factor and its change."""
+    causal = list(causal)
+    found: set[str] = set()
+    classes: dict[int, Any] = {}
+    for c, eff in effects.items():
+        m = eff.shape[0]
+        ids = torch.arange(m) if coords is None else coords.long().cpu()
+        change = eff.abs().reshape(m * 2, -1)  # rows: coordinate-major, then direction
+        mains = [main_factor(dict(zip(factor_names, row.tolist())), readable, min_effect) for row in change]
+        per_factor = {}
+        for f in (f for f in causal if f in factor_names):  # a factor the probe lacks is never found
+            j = list(factor_names).index(f)
+            best = int(change[:, j].argmax())
+            row = dict(zip(factor_names, change[best].tolist()))
+            top = max((n for n in row if n in readable), key=row.get, default=f)
+            per_factor[f] = {"coordinate": int(ids[best // 2]), "direction": best % 2, "change": row[f],
+                             "main_factor": top, "main_change": row[top],
+                             "coordinates_with_it_as_main_factor": sum(x == f for x in mains)}
+        found |= {x for x in mains if x in causal}
+        classes[c] = per_factor
+    return {"recovery_bound": len(found) / len(causal), "min_effect": float(min_effect), "classes": classes}

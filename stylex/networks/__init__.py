@@ -3,7 +3,7 @@ the encoder, built from equalised-learning-rate layers."""
 
 from stylex.networks.discriminator import Discriminator, DiscriminatorBlock, MinibatchStd, ResidualTrunk
 from stylex.networks.encoder import Encoder
-from stylex.networks.generator import Generator
+from stylex.networks.generator import Generator, mix_latents
 from stylex.networks.layers import (
     EqualizedConv2d,
     EqualizedLinear,
@@ -43,5 +43,6 @@ __all__ = [
     "block_resolutions",
     "channels_at",
     "conv2d_resample",
+    "mix_latents",
     "normalize_2nd_moment",
 ]

@@ -6,6 +6,10 @@ path of StylEx skips the mapping: ``generate(E(x), C(x))``.
 
 Because ``c`` enters the styles through differentiable affines, gradients reach ``c`` (the
 classifier-KL loss backpropagates through it).
+
+Style mixing (:func:`mix_latents`) is StyleGAN's mixing regularisation: during training some
+noise-path images take their styles from two latents, the first up to a random layer and the
+second after it, so that no layer can rely on its neighbours sharing one latent.
 """
 
 from __future__ import annotations
@@ -18,6 +22,30 @@ from torch import nn
 from stylex.networks.layers import DEFAULT_RESAMPLE_FILTER
 from stylex.networks.mapping import MappingNetwork
 from stylex.networks.synthesis import SynthesisNetwork, SynthesisState
+
+
+def mix_latents(
+    w1: torch.Tensor,  # [batch, w_dim]
+    w2: torch.Tensor,  # [batch, w_dim]
+    num_ws: int,  # style layers of the generator
+    prob: float,  # share of the batch that is mixed
+    generator: torch.Generator | None = None,  # for reproducible draws (on w1's device)
+) -> torch.Tensor:  # [batch, num_ws, w_dim]
+    """Per-layer latents: with probability ``prob`` per image, layers ``>= k`` take ``w2`` and
+    the layers before take ``w1``, with the crossover ``k`` uniform in ``1 .. num_ws - 1``;
+    every other image takes ``w1`` at every layer."""
+    if w1.ndim != 2 or w1.shape != w2.shape:
+        raise ValueError(f"w1 and w2 must both be [batch, w_dim], got {tuple(w1.shape)} and {tuple(w2.shape)}")
+    if not 0.0 <= float(prob) <= 1.0:
+        raise ValueError(f"the style-mixing probability must be in [0, 1], got {prob!r}")
+    batch, device = w1.shape[0], w1.device
+    cut = torch.full((batch,), num_ws, dtype=torch.long, device=device)
+    if num_ws > 1 and prob > 0:
+        cross = torch.randint(1, num_ws, (batch,), device=device, generator=generator)
+        mixed = torch.rand(batch, device=device, generator=generator) < prob
+        cut = torch.where(mixed, cross, cut)
+    second = torch.arange(num_ws, device=device)[None, :] >= cut[:, None]  # [batch, num_ws]
+    return torch.where(second[..., None], w2[:, None, :], w1[:, None, :])
 
 
 class Generator(nn.Module):

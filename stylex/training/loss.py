@@ -40,6 +40,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 import torch
 import torch.nn as nn
 
+from stylex.networks.generator import mix_latents
 from stylex.training import losses
 from stylex.training.perceptual import ClassifierFeatures, feature_distance, resolve_backend
 
@@ -66,6 +67,9 @@ class LossConfig:
     pl_weight: float = 0.0  # path-length regularisation (0 = off; StyleGAN2 uses 2)
     pl_interval: int = 4  # lazy path length: every N generator steps
     pl_decay: float = 0.01  # decay of the running mean of path lengths
+    # StyleGAN's mixing regularisation on the noise path: the share of its images whose styles come
+    # from two latents, switching at a random layer (0 = off; StyleGAN2 uses 0.9)
+    style_mixing: float = 0.0
     batch_mode: str = "both"  # both | alternate: encoder and noise paths every step, or in turns
     d_fakes: str = "both"  # which fakes the discriminator sees: both | encoder | noise
     encoder_losses: str = "reconstruction"  # what trains E: reconstruction (pixel, perceptual, latent) | all
@@ -86,6 +90,9 @@ class LossConfig:
             value = getattr(self, f.name)
             if f.type in ("float", "int") and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"loss.{f.name} must be a number, got {value!r}")
+        if not 0.0 <= self.style_mixing <= 1.0:
+            raise ValueError(f"loss.style_mixing must be in [0, 1] (a share of the noise-path images), "
+                             f"got {self.style_mixing!r}")
         if self.batch_mode not in BATCH_MODES:
             raise ValueError(f"loss.batch_mode must be 'both' or 'alternate', got {self.batch_mode!r}")
         if self.d_fakes not in D_FAKES:
@@ -225,9 +232,18 @@ class StylexLoss:
             w_in = w.detach().requires_grad_(True) if self.cfg.encoder_losses == "reconstruction" else w
             x_rec = self.G.generate(w_in, inputs.c_real)
         if use_noise:
-            z = torch.randn(x.shape[0], self.G.z_dim, device=x.device)
-            x_gen = self.G(z, inputs.c_noise)
+            x_gen = self._noise_images(inputs.c_noise)
         return Renders(w, w_in, x_rec, x_gen)
+
+    def _noise_images(self, c: torch.Tensor) -> torch.Tensor:  # [B, 3, R, R] G(M(z), c), style-mixed
+        """The noise path's images for class vectors ``c``; with ``style_mixing`` that share of
+        them takes its styles from two mapped latents (:func:`~stylex.networks.generator.mix_latents`)."""
+        z = torch.randn(c.shape[0], self.G.z_dim, device=c.device)
+        if self.cfg.style_mixing <= 0:
+            return self.G(z, c)
+        w = self.G.mapping(z)
+        w2 = self.G.mapping(torch.randn_like(z), update_w_avg=False)
+        return self.G.generate(mix_latents(w, w2, self.G.num_ws, self.cfg.style_mixing), c)
 
     # ------------------------------------------------------------------ D main + D reg
     def discriminator(
@@ -251,8 +267,7 @@ class StylexLoss:
                 if renders is not None and renders.x_gen is not None:
                     fakes.append(renders.x_gen.detach())
                 else:  # also the noise fakes D needs on an encoder-path step when d_fakes="noise"
-                    z = torch.randn(x.shape[0], self.G.z_dim, device=x.device)
-                    fakes.append(self.G(z, inputs.c_noise))
+                    fakes.append(self._noise_images(inputs.c_noise))
                 conds.append(inputs.c_noise)
         fake_logits = torch.cat([self._discriminate(f, c) for f, c in zip(fakes, conds)])
         logs: Logs = {}
