@@ -121,9 +121,9 @@ def bench_ops(args: argparse.Namespace, copy_gbs: float) -> None:
             dy = torch.randn_like(y)
             results = {}
             for impl in ("cuda", "ref"):
-                fwd = measure(lambda: case.run(x, impl), args.iters)
+                fwd = measure(lambda x=x, impl=impl: case.run(x, impl), args.iters)
 
-                def fwd_bwd(impl=impl):
+                def fwd_bwd(impl=impl, xg=xg, dy=dy):
                     out = case.run(xg, impl)
                     out.backward(dy)
                     xg.grad = None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
