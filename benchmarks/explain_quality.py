@@ -29,7 +29,7 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
   probe reads what it changes (:func:`stylex.explain.factors.single_coordinate_bound`). Where no
   coordinate has a causal factor as its main factor, the generator has no attribute for AttFind
   to find; where some do and the ranking missed them, the search is at fault. It renders
-  ``2 x coordinates x images`` edits (about 110 s for 8 images per class on 2 CPU cores);
+  ``2 x coordinates x images`` edits (162 s for 8 images per class on 2 AVX2 cores);
 - how often global brightness, contrast, tint and noise changes of the validation images change
   the classifier's prediction (:func:`stylex.explain.metrics.photometric_sensitivity`): where
   they do, a colour attribute is a true explanation of the classifier, though not of the data;

@@ -303,6 +303,16 @@ def test_noise_modes():
             G.generate(w, c, "fixed")
 
 
+def test_noise_inputs_start_at_noise_init():
+    strengths = lambda G: [m.strength.item() for m in G.modules() if isinstance(m, NoiseInjection)]  # noqa: E731
+    assert set(strengths(tiny_generator())) == {0.0}  # StyleGAN2's start: noise unused until learnt
+    G = tiny_generator(noise_init=0.2).eval()
+    assert len(strengths(G)) == 2 * len(G.synthesis.blocks) - 1 and strengths(G) == pytest.approx([0.2] * len(strengths(G)))
+    w, c = torch.randn(2, 32), probs(2, 3)
+    with torch.no_grad():
+        assert not torch.allclose(G.generate(w, c, "const"), G.generate(w, c, "none"))
+
+
 def test_synthesize_reports_missing_and_misshapen_layers():
     G = tiny_generator()
     styles = G.styles(G.condition(torch.randn(2, 32), probs(2, 3)))

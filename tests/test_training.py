@@ -533,6 +533,8 @@ def test_loss_config_names_unknown_options_and_checks_values():
         LossConfig.coerce({"d_features": "yes"})
     with pytest.raises(ValueError, match=r"loss.style_mixing must be in \[0, 1\]"):
         LossConfig.coerce({"style_mixing": 1.5})
+    with pytest.raises(ValueError, match="loss.rec_noise must be 'random', 'const' or 'none'"):
+        LossConfig.coerce({"rec_noise": "fixed"})
     cfg = LossConfig.coerce({"adv": 2.0})
     assert cfg.adv == 2.0 and cfg.kl_gen == LossConfig().kl_gen
     assert LossConfig.coerce(cfg) is cfg  # a checked config is not checked again
@@ -818,6 +820,20 @@ def test_a_step_renders_each_path_once_and_d_reads_the_same_images_the_generator
     assert len(d_phase) == 3 and len(g_phase) == 2  # encoder fakes, noise fakes, reals (R1); then both fakes
     torch.testing.assert_close(d_phase[0], g_phase[0])  # x̂: the same render in both phases
     torch.testing.assert_close(d_phase[1], g_phase[1])  # x̃: the same z and the same render
+
+
+@pytest.mark.parametrize("rec_noise", ["random", "const", "none"])
+def test_the_encoder_path_renders_with_the_noise_of_loss_rec_noise(tmp_path, rec_noise):
+    cfg, dm, clf = _module_and_data(tmp_path, f"loss.rec_noise={rec_noise}", "model.noise_init=0.5")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    inputs = module.loss.prepare(next(iter(dm.train_dataloader()))["image"][:4])
+    with torch.no_grad():
+        first, second = (module.loss.render(inputs, (True, False)).x_rec for _ in range(2))
+        expected = module.G.generate(module.E(inputs.x), inputs.c_real, noise_mode=rec_noise)
+    # fresh noise per render under random; the fixed maps (or none) otherwise, as explanations render
+    assert torch.equal(first, second) == (rec_noise != "random")
+    if rec_noise != "random":
+        torch.testing.assert_close(first, expected)
 
 
 @pytest.mark.parametrize("style_mixing", [0.0, 1.0])

@@ -68,6 +68,7 @@ class Generator(nn.Module):
         conv_clamp: float | None = None,
         img_channels: int = 3,
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
+        noise_init: float = 0.0,  # the noise inputs' starting strength (StyleGAN2: 0)
     ) -> None:
         super().__init__()
         if c_dim < 0:
@@ -87,6 +88,7 @@ class Generator(nn.Module):
             img_channels=img_channels,
             conv_clamp=conv_clamp,
             resample_filter=resample_filter,
+            noise_init=noise_init,
         )
 
     @property

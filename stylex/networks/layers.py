@@ -297,16 +297,18 @@ class NoiseInjection(nn.Module):
 
     ``noise_mode``: ``"random"`` draws fresh noise per call; ``"const"`` uses a fixed noise map
     drawn at construction (stored in the state dict, so renders are reproducible across runs);
-    ``"none"`` adds nothing. ``strength`` starts at zero, so noise only matters once learnt.
+    ``"none"`` adds nothing. ``strength`` starts at ``init`` (StyleGAN2: zero, so noise only
+    matters once learnt).
     """
 
     def __init__(
         self,
         resolution: int,  # height and width of the feature maps this layer sees
+        init: float = 0.0,  # the starting strength
     ) -> None:
         super().__init__()
         self.resolution = resolution
-        self.strength = nn.Parameter(torch.zeros([]))
+        self.strength = nn.Parameter(torch.full([], float(init)))
         self.register_buffer("noise_const", torch.randn(1, 1, resolution, resolution))
 
     def forward(

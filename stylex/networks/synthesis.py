@@ -87,6 +87,7 @@ class SynthesisLayer(nn.Module):
         kernel_size: int = 3,
         conv_clamp: float | None = None,
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
+        noise_init: float = 0.0,  # the noise input's starting strength
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -96,7 +97,7 @@ class SynthesisLayer(nn.Module):
         self.conv = ModulatedConv2d(
             in_channels, out_channels, kernel_size, demodulate=True, up=up, resample_filter=resample_filter
         )
-        self.noise = NoiseInjection(resolution)
+        self.noise = NoiseInjection(resolution, noise_init)
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
     def forward(
@@ -147,6 +148,7 @@ class SynthesisBlock(nn.Module):
         img_channels: int,
         conv_clamp: float | None,
         resample_filter: Sequence[float],
+        noise_init: float = 0.0,
     ) -> None:
         super().__init__()
         self.resolution = resolution
@@ -163,9 +165,12 @@ class SynthesisBlock(nn.Module):
                 up=2,
                 conv_clamp=conv_clamp,
                 resample_filter=resample_filter,
+                noise_init=noise_init,
             )
             self.layer_names = ("conv0", "conv1", "torgb")
-        self.conv1 = SynthesisLayer(out_channels, out_channels, latent_dim, resolution, conv_clamp=conv_clamp)
+        self.conv1 = SynthesisLayer(
+            out_channels, out_channels, latent_dim, resolution, conv_clamp=conv_clamp, noise_init=noise_init
+        )
         self.torgb = ToRGBLayer(out_channels, img_channels, latent_dim, conv_clamp=conv_clamp)
 
 
@@ -182,6 +187,7 @@ class SynthesisNetwork(nn.Module):
         img_channels: int = 3,
         conv_clamp: float | None = None,
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
+        noise_init: float = 0.0,  # every noise input's starting strength
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -198,6 +204,7 @@ class SynthesisNetwork(nn.Module):
                 img_channels=img_channels,
                 conv_clamp=conv_clamp,
                 resample_filter=resample_filter,
+                noise_init=noise_init,
             )
         self.register_buffer("resample_filter", setup_filter(resample_filter))
         self.style_layers: list[tuple[str, int]] = [(name, layer.in_channels) for name, layer in self.named_layers()]

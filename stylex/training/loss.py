@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from stylex.networks.generator import mix_latents
+from stylex.networks.layers import NOISE_MODES
 from stylex.training import losses
 from stylex.training.perceptual import ClassifierFeatures, feature_distance, resolve_backend
 
@@ -70,6 +71,10 @@ class LossConfig:
     # StyleGAN's mixing regularisation on the noise path: the share of its images whose styles come
     # from two latents, switching at a random layer (0 = off; StyleGAN2 uses 0.9)
     style_mixing: float = 0.0
+    # The noise inputs of the encoder path's renders: random (fresh per render, as on the noise
+    # path) | const (the fixed maps every explanation renders with) | none. Under random noise the
+    # reconstruction terms penalise any use of noise, which keeps the learnt strengths at zero.
+    rec_noise: str = "random"
     batch_mode: str = "both"  # both | alternate: encoder and noise paths every step, or in turns
     d_fakes: str = "both"  # which fakes the discriminator sees: both | encoder | noise
     encoder_losses: str = "reconstruction"  # what trains E: reconstruction (pixel, perceptual, latent) | all
@@ -93,6 +98,8 @@ class LossConfig:
         if not 0.0 <= self.style_mixing <= 1.0:
             raise ValueError(f"loss.style_mixing must be in [0, 1] (a share of the noise-path images), "
                              f"got {self.style_mixing!r}")
+        if self.rec_noise not in NOISE_MODES:
+            raise ValueError(f"loss.rec_noise must be 'random', 'const' or 'none', got {self.rec_noise!r}")
         if self.batch_mode not in BATCH_MODES:
             raise ValueError(f"loss.batch_mode must be 'both' or 'alternate', got {self.batch_mode!r}")
         if self.d_fakes not in D_FAKES:
@@ -230,7 +237,7 @@ class StylexLoss:
         if use_enc:
             w = self.E(x)
             w_in = w.detach().requires_grad_(True) if self.cfg.encoder_losses == "reconstruction" else w
-            x_rec = self.G.generate(w_in, inputs.c_real)
+            x_rec = self.G.generate(w_in, inputs.c_real, noise_mode=self.cfg.rec_noise)
         if use_noise:
             x_gen = self._noise_images(inputs.c_noise)
         return Renders(w, w_in, x_rec, x_gen)
@@ -261,7 +268,8 @@ class StylexLoss:
         with torch.no_grad():
             if use_enc and cfg.d_fakes in ("both", "encoder"):
                 have = renders is not None and renders.x_rec is not None
-                fakes.append(renders.x_rec.detach() if have else self.G.generate(self.E(x), inputs.c_real))
+                fakes.append(renders.x_rec.detach() if have
+                             else self.G.generate(self.E(x), inputs.c_real, noise_mode=cfg.rec_noise))
                 conds.append(inputs.c_real)
             if use_noise and cfg.d_fakes in ("both", "noise") or not fakes:
                 if renders is not None and renders.x_gen is not None:
