@@ -94,13 +94,19 @@ def train_main() -> None:
     from stylex.config import register
     from stylex.resources import configs_dir
 
-    register()  # the schemas configs/ is built on
     try:
         folder = configs_dir()
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     args = sys.argv[1:]
+    if args in (["--help"], ["-h"]):
+        # The help is a fixed text (its template shows no config values), so it is printed from
+        # the YAML without registering the schemas, which import torch, Lightning and timm: a
+        # second instead of many on a small machine. Hydra prints the same text.
+        print(help_text(folder))
+        return
+    register()  # the schemas configs/ is built on
     if args and not any(a.startswith(("-", "hydra.", "+hydra.", "~hydra.")) for a in args):
         # Plain overrides: compose them once first, so that a value the schemas reject (a typed
         # loss.*, classifier.* or callbacks.* option, an unknown group option) gets the project's
@@ -115,6 +121,15 @@ def train_main() -> None:
             print(f"error: {line}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
     hydra.main(version_base="1.3", config_path=str(folder), config_name=CONFIG_NAME)(run_training)()
+
+
+def help_text(
+    folder,  # the configs folder (stylex.resources.configs_dir())
+) -> str:
+    """``stylex-train --help``: the help template of the training config."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(folder / f"{CONFIG_NAME}.yaml").hydra.help.template)
 
 
 def config_error_line(

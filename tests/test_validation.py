@@ -282,13 +282,28 @@ def _train_py(args, cwd, timeout=240):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.batch_size=abc", "model.batch_size must be a whole number"),
-    ("ops_impl=fast", "ops_impl='fast' is not one of"),
-    ("model.resolution=48", "model.resolution must be a power of two"),
-    # Rejected by the schemas while Hydra composes the config: still our line and status.
+COMPOSE_ERRORS = [
     ("loss.r1_gamma=abc", "loss.r1_gamma=abc: Value 'abc' of type 'str' could not be converted to Float"),
     ("dataset=nope", "Could not find 'dataset/nope'; Available options in 'dataset': folder, retina, synthetic"),
+]
+
+
+@pytest.mark.parametrize("override,message", COMPOSE_ERRORS)
+def test_composition_errors_become_one_line_naming_the_override(override, message):
+    from stylex.cli import compose_config, config_error_line
+
+    with pytest.raises(Exception) as info:
+        compose_config(TINY + [override])
+    line = config_error_line(info.value)
+    assert line is not None and message in line and "\n" not in line
+    assert config_error_line(RuntimeError("not a config error")) is None
+
+
+# One value per way of rejecting it, in a real process (the in-process tests above have the
+# rest): our own checks, and the schemas while Hydra composes the config.
+@pytest.mark.parametrize("override,message", [
+    ("model.resolution=48", "model.resolution must be a power of two"),
+    COMPOSE_ERRORS[0],
 ])
 def test_train_py_refuses_wrong_values_in_one_line_with_status_2(tmp_path, override, message):
     proc = _train_py(TINY + [override], tmp_path)
