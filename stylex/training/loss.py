@@ -237,10 +237,14 @@ class StylexLoss:
         if use_enc:
             w = self.E(x)
             w_in = w.detach().requires_grad_(True) if self.cfg.encoder_losses == "reconstruction" else w
-            x_rec = self.G.generate(w_in, inputs.c_real, noise_mode=self.cfg.rec_noise)
+            x_rec = self._encoder_images(w_in, inputs.c_real)
         if use_noise:
             x_gen = self._noise_images(inputs.c_noise)
         return Renders(w, w_in, x_rec, x_gen)
+
+    def _encoder_images(self, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # [B, 3, R, R] G(w, c)
+        """The encoder path's images for latents ``w = E(x)``, with the noise of ``rec_noise``."""
+        return self.G.generate(w, c, noise_mode=self.cfg.rec_noise)
 
     def _noise_images(self, c: torch.Tensor) -> torch.Tensor:  # [B, 3, R, R] G(M(z), c), style-mixed
         """The noise path's images for class vectors ``c``; with ``style_mixing`` that share of
@@ -268,8 +272,7 @@ class StylexLoss:
         with torch.no_grad():
             if use_enc and cfg.d_fakes in ("both", "encoder"):
                 have = renders is not None and renders.x_rec is not None
-                fakes.append(renders.x_rec.detach() if have
-                             else self.G.generate(self.E(x), inputs.c_real, noise_mode=cfg.rec_noise))
+                fakes.append(renders.x_rec.detach() if have else self._encoder_images(self.E(x), inputs.c_real))
                 conds.append(inputs.c_real)
             if use_noise and cfg.d_fakes in ("both", "noise") or not fakes:
                 if renders is not None and renders.x_gen is not None:
