@@ -77,7 +77,7 @@ from stylex.explain.factors import (  # noqa: E402
     single_coordinate_bound,
 )
 from stylex.explain.inputs import latest_export_run as find_latest_run  # noqa: E402
-from stylex.explain.inputs import run_config, validation_images  # noqa: E402
+from stylex.explain.inputs import realism_network, run_config, validation_images  # noqa: E402
 from stylex.explain.metrics import photometric_sensitivity, sufficiency  # noqa: E402
 from stylex.explain.pipeline import manifold_lines  # noqa: E402
 from stylex.explain.refine import refine_latents  # noqa: E402
@@ -180,7 +180,8 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     result = finder.run(flat, top_k=args.top_k)
     encoded = args.source == "val"
     suff = sufficiency(result, finder.evaluator, ks=range(1, args.flip_k + 1),
-                       inputs=images if encoded else None, real_images=images)
+                       inputs=images if encoded else None, real_images=images,
+                       feature_classifier=realism_network(config, print))
     t_probe = time.perf_counter()
     scale = float(config["dataset"].get("lesion_scale", 1.0))  # the probe learns lesions of the run's size
     probe = cached_factor_probe(exp.resolution, device=device, num_train=args.probe_train, epochs=args.probe_epochs,
@@ -269,7 +270,7 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     if out["generator"]:
         g = out["generator"]
         print("generator: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in g.items()
-                                        if k.split("/")[1] in ("fid", "kid", "cond_fidelity", "factor_ratio")))
+                                        if k.split("/")[1] in ("fid", "kid", "cond_fidelity", "factor_ratio", "factor_contrast")))
     if history:
         print("FID by step: " + ", ".join(f"{s}: {f:.4g}" for s, f in out["fid_history"] if f is not None))
     return out
@@ -312,6 +313,8 @@ def seed_table(results: list[dict]) -> dict:
                "fid": g.get("val/fid"), "cond_fidelity": g.get("val/cond_fidelity"),
                "train_seconds": r["train_seconds"]}
         row.update({k[len("val/factor_ratio/"):]: v for k, v in g.items() if k.startswith("val/factor_ratio/")})
+        row.update({"contrast/" + k[len("val/factor_contrast/"):]: v for k, v in g.items()
+                    if k.startswith("val/factor_contrast/")})
         return row
 
     rows = [figures(r) for r in results]

@@ -361,6 +361,14 @@ def test_kid_and_agreement_beside_the_flip_rate_on_a_planted_case(planted, tmp_p
     assert any("no real inputs" in n for n in alone.notes) and any("KID not measured" in n for n in alone.notes)
     probs = sufficiency(result, AttFind(planted.G, planted.C).evaluator, ks=[1], real_images=real)
     assert probs.realism["feature"] == "classifier-probs:RedReader" and probs.agreement is None
+    # A realism network of its own (classifier.feature_checkpoint) reads the KID: one blind to
+    # everything (constant features) sees no difference between edited and unedited renders.
+    blind = PooledRedReader(planted.C)
+    blind.model.forward_head = lambda x, pre_logits=False: x.mean(dim=(2, 3)) * 0 if pre_logits else planted.C(x)
+    judged = sufficiency(result, finder.evaluator, ks=[1, 2], inputs=inputs, real_images=real,
+                         feature_classifier=blind).realism
+    assert judged["feature"] == "feature-net:channel-means"
+    assert judged["kid_edited"] == pytest.approx(0.0, abs=1e-6) and judged["kid_unedited"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_apply_edits_changes_exactly_the_listed_coordinates():
@@ -906,3 +914,20 @@ def test_explain_py_delegates_to_explain_run(random_export, tmp_path, monkeypatc
 
 def test_explain_request_holds_the_command_line_defaults():
     assert cli.request_from_args(cli.build_parser().parse_args([])) == ExplainRequest()
+
+
+def test_the_explanation_reads_realism_in_the_runs_feature_network(tmp_path):
+    from stylex.classifier import build_classifier
+    from stylex.explain.inputs import realism_network
+
+    net = build_classifier({"arch": "resnet10t"}, 2)
+    path = tmp_path / "features.safetensors"
+    net.save(path)
+    assert realism_network({}) is None and realism_network({"classifier": {"feature_checkpoint": None}}) is None
+    loaded = realism_network({"classifier": {"feature_checkpoint": str(path)}})
+    assert not loaded.training and set(loaded.state_dict()) == set(net.state_dict())
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
+    notes: list[str] = []
+    gone = tmp_path / "gone.safetensors"
+    assert realism_network({"classifier": {"feature_checkpoint": str(gone)}}, notes.append) is None
+    assert len(notes) == 1 and str(gone) in notes[0] and "explained classifier's features" in notes[0]

@@ -18,7 +18,7 @@ from helpers import tiny_cfg
 from stylex.classifier import Classifier
 from stylex.data.synthetic import FACTOR_NAMES, generate_split, render_batch, sample_factors
 from stylex.metrics import probe as probe_mod
-from stylex.metrics.fidelity import conditioning_fidelity, factor_fidelity, key_name
+from stylex.metrics.fidelity import conditioning_fidelity, factor_fidelity, factor_from_readings, key_name
 from stylex.metrics.realism import RealismMeter, feature_extractor, kid_subset_size, real_key
 from stylex.training.quality import GeneratorQuality
 
@@ -197,6 +197,27 @@ def test_factor_fidelity_of_a_planted_generator():
     assert flat["factor_ratio/dr_signs/exudates"] == pytest.approx(dr["exudates"]["ratio"])
     assert "factor_ratio/healthy/exudates" not in flat and flat["factor_diff/healthy/haemorrhages"] == 0.0
     assert key_name("DR signs") == "dr_signs"
+    # class contrast: (generated DR - generated healthy) / (real DR - real healthy), healthy = 0 here
+    for fname, gen in (("exudates", gen_e), ("haemorrhages", gen_h)):
+        expected = float(gen[asked == 1].mean() - gen[asked == 0].mean()) / 2.0
+        assert ff.contrast["DR signs"][fname] == pytest.approx(expected)
+        assert flat[f"factor_contrast/dr_signs/{fname}"] == pytest.approx(expected)
+    assert "healthy" not in ff.contrast  # the reference class has no contrast with itself
+    assert ff.to_dict()["contrast"] == ff.contrast
+
+
+def test_the_class_contrast_is_near_zero_for_lesions_drawn_into_every_class():
+    # The generator draws 2 exudates whatever the class; real DR images have 2, healthy none:
+    # the DR ratio is a perfect 1.0, the contrast 0.
+    gen = torch.tensor([[2.0, 0.0]] * 6)
+    gen_classes = torch.tensor([0, 1, 0, 1, 0, 1])
+    real = torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, 0.1], [2.0, 0.0]])
+    real_labels = torch.tensor([0, 0, 1, 1])
+    ff = factor_from_readings(gen, gen_classes, real, real_labels, ["exudates", "haemorrhages"], ["healthy", "DR"])
+    assert ff.classes["DR"]["exudates"]["ratio"] == pytest.approx(1.0)
+    assert ff.contrast["DR"]["exudates"] == pytest.approx(0.0)
+    assert ff.contrast["DR"]["haemorrhages"] is None  # a real gap of 0.05 < min_real: undefined
+    assert "factor_contrast/dr/haemorrhages" not in ff.flat()
 
 
 # ============================================================================ the probe cache

@@ -600,6 +600,44 @@ def test_the_generator_learns_from_the_feature_heads_through_the_frozen_classifi
     assert all(p.grad is None for p in clf.parameters())
 
 
+def test_a_feature_network_judges_realism_and_the_explained_classifier_keeps_the_kl(tmp_path):
+    """With classifier.feature_checkpoint the perceptual maps, D's feature heads and the quality
+    features come from the second network; the logits (KL, conditioning) stay the explained one's."""
+    from stylex.classifier import build_classifier
+    from stylex.metrics.realism import feature_extractor
+    from stylex.training.perceptual import ClassifierFeatures
+
+    cfg, dm, clf = _module_and_data(tmp_path)
+    torch.manual_seed(3)
+    other = build_classifier({"arch": "resnet18"}, 5)  # another architecture and class count
+    path = tmp_path / "features.safetensors"
+    other.save(path)
+    over = [f"classifier.feature_checkpoint={path}", "loss.perceptual_backend=classifier", "loss.d_features=true"]
+    module = build_module(tiny_cfg(tmp_path / "run", *over), dm.num_classes, dm.class_names, clf)
+    net = module.feature_classifier
+    assert net is not clf and not net.training and not any(p.requires_grad for p in net.parameters())
+    for k, v in other.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v), f"feature network tensor {k} was not loaded"
+
+    x = next(iter(dm.train_dataloader()))["image"][:4]
+    logits, feats = module.loss._classify(x, features=True)
+    torch.testing.assert_close(logits, clf(x))
+    expected = ClassifierFeatures(other.eval())(x)[1]
+    own = module.C(x)[1]
+    assert [f.shape for f in feats] == [f.shape for f in expected]
+    for a, b in zip(feats, expected):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(feats[-1], own[-1])  # not the explained classifier's maps
+    assert module.D.feature_heads.channels == [f.shape[1] for f in expected]
+    quality = feature_extractor(net, None, 16, "feature-net")
+    assert quality.name == "feature-net:resnet18" and quality.num_features == 512
+    # Without the option the module holds the explained classifier once, and checkpoints no copy.
+    plain = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    assert plain.feature_classifier is clf and plain.F is plain.C
+    assert not any(k.startswith("feature_net.") for k in plain.state_dict())
+    assert any(k.startswith("feature_net.") for k in module.state_dict())
+
+
 # ------------------------------------------------------------------------------------------ ADA
 ADA_KIMG = 0.5  # p moves by 8 · 4 / 500 = 0.064 per update: visible within 40 steps
 

@@ -113,6 +113,18 @@ def test_a_damaged_classifier_checkpoint_is_named_before_any_work(tmp_path, cont
     assert not run_dir.exists()
 
 
+def test_a_feature_checkpoint_that_is_missing_damaged_or_bare_is_named_before_any_work(tmp_path):
+    missing = tmp_path / "nowhere.safetensors"
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x00garbage" * 10)
+    bare = tmp_path / "bare.pt"  # weights without the architecture they belong to
+    torch.save({"fc.weight": torch.zeros(2, 4)}, bare)
+    for path, why in ((missing, "does not exist"), (damaged, "cannot be read"), (bare, "record no architecture")):
+        error, run_dir = _refused(tmp_path, f"classifier.feature_checkpoint={path}")
+        assert f"classifier.feature_checkpoint={path}" in str(error) and why in str(error)
+        assert "\n" not in str(error) and not run_dir.exists()
+
+
 def test_online_wandb_without_credentials_leaves_no_run_folder(tmp_path, monkeypatch):
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

@@ -20,7 +20,13 @@ Layering: checkpoint <- model <- training <- stage. Nothing here imports the GAN
 
 from stylex.classifier.checkpoint import read_checkpoint
 from stylex.classifier.model import Classifier
-from stylex.classifier.stage import ClassifierConfig, ClassifierTraining, build_classifier, prepare_classifier
+from stylex.classifier.stage import (
+    ClassifierConfig,
+    ClassifierTraining,
+    build_classifier,
+    load_feature_classifier,
+    prepare_classifier,
+)
 from stylex.classifier.training import (
     ClassifierModule,
     add_pixel_noise,
@@ -40,6 +46,7 @@ __all__ = [
     "jitter_colour",
     "flip_and_shift",
     "inverse_frequency_weights",
+    "load_feature_classifier",
     "prepare_classifier",
     "read_checkpoint",
     "train_classifier",

@@ -153,6 +153,11 @@ class ClassifierConfig:
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model, e.g. {drop_rate: 0.1}
     train: ClassifierTraining = field(default_factory=ClassifierTraining)  # the training stage's options
     calibrate: bool = False  # fit a temperature on the validation split (softer, calibrated probabilities)
+    # A second frozen classifier (a checkpoint that records its architecture: .safetensors or a
+    # ClassifierModule .ckpt) whose features judge realism in place of the explained one's: the
+    # perceptual distance (backend "classifier"), FID/KID, and D's feature heads. None = the
+    # explained classifier. Its class count need not match the data's.
+    feature_checkpoint: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.arch is not None and (not isinstance(self.arch, str) or not self.arch):
@@ -164,6 +169,7 @@ class ClassifierConfig:
         self.in_chans = _whole("classifier.in_chans", self.in_chans, minimum=1)
         # An empty string means "no checkpoint", as it always has (the stage tests truthiness).
         self.checkpoint = str(self.checkpoint) if self.checkpoint else None
+        self.feature_checkpoint = str(self.feature_checkpoint) if self.feature_checkpoint else None
         if not isinstance(self.timm_kwargs, Mapping):
             raise ConfigError(
                 f"classifier.timm_kwargs must be a mapping of timm.create_model arguments, "
@@ -267,6 +273,44 @@ def _build(
         return build_classifier(config, num_classes)
     except (ValueError, FileNotFoundError) as e:  # unknown arch, wrong checkpoint, class count
         raise ConfigError(f"classifier: {e}") from e
+
+
+def load_feature_classifier(
+    config: ClassifierConfig | Mapping[str, Any],  # the `classifier` section
+) -> Classifier | None:
+    """The frozen classifier of ``classifier.feature_checkpoint``, or None when it is not set.
+
+    Why a second network: the explained classifier is often made blind to what does not decide
+    its class (colour jitter, pixel noise, invariance on purpose). Used as the perceptual
+    distance and the FID features it would make the reconstruction and the realism measure
+    blind to the same things, and the generator would stop drawing them.
+    """
+    if not isinstance(config, ClassifierConfig):
+        config = ClassifierConfig.from_mapping(config)
+    path = config.feature_checkpoint
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"classifier.feature_checkpoint={path} does not exist; point it at a classifier checkpoint "
+            "(.safetensors written by Classifier.save, or a ClassifierModule .ckpt), or set it to null "
+            "to judge realism with the explained classifier"
+        )
+    try:
+        state, recorded = read_checkpoint(path)
+    except Exception as e:  # not a checkpoint, damaged, pickled objects
+        raise ConfigError(
+            f"classifier.feature_checkpoint={path} cannot be read ({type(e).__name__}: {e}); point it at "
+            "a good copy, or set it to null"
+        ) from e
+    if recorded is None:
+        raise ConfigError(
+            f"classifier.feature_checkpoint={path} holds bare weights that record no architecture; save the "
+            "network with Classifier.save (a .safetensors file with its .json), or use a ClassifierModule .ckpt"
+        )
+    classifier = Classifier.from_config(recorded)
+    classifier.load_weights(state, source=path)
+    return classifier.freeze()
 
 
 # --------------------------------------------------------------------------------------------

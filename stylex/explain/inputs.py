@@ -83,6 +83,27 @@ def run_config(
     return {}
 
 
+def realism_network(
+    config: dict[str, Any],  # the run's resolved config (run_config)
+    say: Any = None,  # callable for a note when the network is named but cannot be loaded
+) -> torch.nn.Module | None:
+    """The run's ``classifier.feature_checkpoint`` network, which judged realism in training, so
+    that the explanation's KID is read in the same features; None when the run had none, or
+    (with a note) when its file is gone or unreadable: the explained classifier's features then."""
+    path = (config.get("classifier") or {}).get("feature_checkpoint")
+    if not path:
+        return None
+    from stylex.classifier import load_feature_classifier
+    from stylex.errors import ConfigError
+
+    try:
+        return load_feature_classifier({"feature_checkpoint": path})
+    except ConfigError as e:
+        if say is not None:
+            say(f"note: the KID figures use the explained classifier's features: {e}")
+        return None
+
+
 # ============================================================================ images
 def load_image_files(
     paths: Sequence[Path],

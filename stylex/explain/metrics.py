@@ -10,7 +10,8 @@ Sufficiency / flip rate
     farther from the image's value (a choice that needs no classifier either).
 
 Beside the flip rate (a flip won by leaving the data manifold is no explanation)
-    - realism: KID (:mod:`stylex.metrics.realism`, the classifier's features) against real
+    - realism: KID (:mod:`stylex.metrics.realism`, the classifier's features, or those of the
+      run's ``classifier.feature_checkpoint`` network when it has one) against real
       images of the renders with AttFind's top-k attributes applied (k = the curve's largest),
       next to the KID of the unedited renders of the same images. Edits that push renders off
       the data manifold show as a higher edited KID;
@@ -163,6 +164,7 @@ def manifold_figures(
     inputs: torch.Tensor | None = None,  # [N, 3, R, R] the real inputs of these images (None: generated)
     real_images: torch.Tensor | None = None,  # [M, 3, R, R] KID's real set (None: `inputs`)
     seed: int = 0,
+    feature_classifier: torch.nn.Module | None = None,  # KID's features (None: the explained classifier's)
 ) -> tuple[dict[str, Any] | None, float | None, list[str]]:  # realism, agreement, notes
     """KID of the unedited and the edited renders against real images, and the agreement of the
     unedited renders with their real inputs (see the module docstring)."""
@@ -185,7 +187,10 @@ def manifold_figures(
                      f"(have {real.shape[0]} and {flat.shape[0]}): not measured")
         return None, agreement, notes
     resolution = int(getattr(evaluator.generator, "resolution", real.shape[-1]))
-    features = ClassifierFeatures(evaluator.classifier, resolution)
+    if feature_classifier is None:
+        features = ClassifierFeatures(evaluator.classifier, resolution)
+    else:
+        features = ClassifierFeatures(feature_classifier.to(evaluator.device), resolution, "feature-net")
     kid = kid_against(features, real.to(evaluator.device),
                       {"unedited": _render(evaluator, flat), "edited": _render(evaluator, edited)}, seed=seed)
     realism = {"feature": features.name, "k": int(k), "num_real": int(real.shape[0]), "num_images": int(flat.shape[0]),
@@ -204,6 +209,7 @@ def sufficiency(
     inputs: torch.Tensor | None = None,  # [N, 3, R, R] real images the result's styles encode (None: generated)
     real_images: torch.Tensor | None = None,  # [M, 3, R, R] KID's real set (None: `inputs`)
     realism: bool = True,  # measure KID and agreement beside the flip rates
+    feature_classifier: torch.nn.Module | None = None,  # KID's features (None: the explained classifier's)
 ) -> Sufficiency:
     """Flip rate against k for AttFind's image rankings, random coordinates and style variance,
     with the KID of the top-k edited and of the unedited renders and the agreement beside it."""
@@ -230,7 +236,7 @@ def sufficiency(
         edited = apply_edits(flat, targets, c[:, :kmax].clone(), d[:, :kmax])
         out.realism, out.agreement, out.notes = manifold_figures(
             evaluator, flat, edited, base_pred, kmax, inputs=inputs[keep] if inputs is not None else None,
-            real_images=real_images, seed=seed)
+            real_images=real_images, seed=seed, feature_classifier=feature_classifier)
     out.seconds = time.perf_counter() - t0
     return out
 

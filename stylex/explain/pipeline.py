@@ -29,7 +29,7 @@ import torch
 from stylex.errors import UsageError
 from stylex.explain.attfind import AttFind, AttFindConfig
 from stylex.explain.factors import FactorProbe, ground_truth
-from stylex.explain.inputs import load_image_files, resolve_export, run_config, validation_images
+from stylex.explain.inputs import load_image_files, realism_network, resolve_export, run_config, validation_images
 from stylex.explain.loggers import log_to_wandb, wandb_settings
 from stylex.explain.metrics import agreement, sufficiency
 from stylex.explain.refine import refine_latents
@@ -65,6 +65,7 @@ def explain_and_report(
     progress: Say | None = None,  # progress messages
     title: str = "StylEx explanation",
     sections: dict[str, Any] | None = None,  # more sections of explanation.json (e.g. "refinement")
+    feature_classifier: torch.nn.Module | None = None,  # the KID's features (None: the explained classifier's)
 ) -> tuple[Report, AttFindResult]:
     """AttFind on ``flat``, the flip-rate curves (with KID and agreement beside them), optionally
     the ground truth, and the report."""
@@ -74,7 +75,8 @@ def explain_and_report(
     say(f"AttFind: {result.seconds:.1f} s for {result.num_images} images ({result.mode})")
     suff = None
     if flip_k > 0:
-        suff = sufficiency(result, finder.evaluator, ks=range(1, flip_k + 1), inputs=inputs, real_images=real_images)
+        suff = sufficiency(result, finder.evaluator, ks=range(1, flip_k + 1), inputs=inputs, real_images=real_images,
+                           feature_classifier=feature_classifier)
         say(f"flip rates, KID and agreement: {suff.seconds:.1f} s")
     gt = ground_truth(result, finder.evaluator, ground_truth_probe) if ground_truth_probe is not None else None
     report = write_report(out_dir, result, finder.evaluator, class_names, examples=examples, sufficiency=suff,
@@ -208,6 +210,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         flip_k=req.flip_k, examples=req.examples, image_info=info, inputs=inputs, real_images=real_images,
         image_panels=panels, settings=settings, trainer_kwargs=trainer_kwargs, ground_truth_probe=probe,
         progress=say, title=f"StylEx explanation of {(run_dir or export_dir).name}", sections=sections,
+        feature_classifier=realism_network(config, say) if req.flip_k > 0 else None,
     )
     if run_dir is not None and req.wandb:
         lcfg = wandb_settings(config)

@@ -15,7 +15,11 @@ Contract:
   images of the same class, and their ratio generated / real. Reading both sides with the same
   probe cancels its bias. A ratio needs a real mean of at least ``min_real`` lesions (a
   healthy class has none: its ratio is None and the difference says how many lesions the
-  generator adds).
+  generator adds). The **class contrast** asks whether the lesions follow the class: for every
+  class after the first (the reference, e.g. "healthy"), the generated difference of its mean
+  count from the reference class's over the real difference, ``(g_k - g_0) / (r_k - r_0)``
+  (given where the real difference is at least ``min_real``). A generator that puts lesion-like
+  marks into every class can match each class's count and still have a contrast near 0.
 """
 
 from __future__ import annotations
@@ -149,13 +153,16 @@ class FactorFidelity:
     factors: list[str]
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> {"generated", "real"}
     min_real: float = MIN_REAL_LESIONS
+    # class (after the first) -> factor -> (g_k - g_0) / (r_k - r_0), None where undefined
+    contrast: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"factors": list(self.factors), "min_real": self.min_real, "classes": self.classes,
-                "counts": self.counts}
+                "counts": self.counts, "contrast": self.contrast}
 
     def flat(self) -> dict[str, float]:
-        """``factor_ratio/<class>/<factor>`` (where defined) and ``factor_diff/<class>/<factor>``."""
+        """``factor_ratio/<class>/<factor>`` (where defined), ``factor_diff/<class>/<factor>`` and
+        ``factor_contrast/<class>/<factor>`` (where defined)."""
         out = {}
         for cname, per_factor in self.classes.items():
             for fname, v in per_factor.items():
@@ -163,6 +170,10 @@ class FactorFidelity:
                     out[f"factor_ratio/{key_name(cname)}/{fname}"] = float(v["ratio"])
                 if v["difference"] is not None:
                     out[f"factor_diff/{key_name(cname)}/{fname}"] = float(v["difference"])
+        for cname, per_factor in self.contrast.items():
+            for fname, v in per_factor.items():
+                if v is not None:
+                    out[f"factor_contrast/{key_name(cname)}/{fname}"] = float(v)
         return out
 
 
@@ -190,7 +201,19 @@ def factor_from_readings(
             diff = gm - rm if gm is not None and rm is not None else None
             per_factor[fname] = {"generated": gm, "real": rm, "ratio": ratio, "difference": diff}
         classes[cname] = per_factor
-    return FactorFidelity(classes=classes, factors=list(factor_names), counts=counts, min_real=float(min_real))
+    contrast: dict[str, dict[str, float | None]] = {}
+    if class_names:
+        base = classes[class_names[0]]
+        for cname in class_names[1:]:
+            contrast[cname] = {}
+            for fname in factor_names:
+                a, b = classes[cname][fname], base[fname]
+                known = None not in (a["generated"], b["generated"], a["real"], b["real"])
+                real_gap = a["real"] - b["real"] if known else None
+                contrast[cname][fname] = ((a["generated"] - b["generated"]) / real_gap
+                                          if real_gap is not None and abs(real_gap) >= min_real else None)
+    return FactorFidelity(classes=classes, factors=list(factor_names), counts=counts, min_real=float(min_real),
+                          contrast=contrast)
 
 
 def probe_columns(

@@ -122,6 +122,7 @@ class ClassifierFeatures(FeatureExtractor):
         self,
         classifier: nn.Module,  # stylex Classifier (a timm model inside) or any images -> logits module
         resolution: int = 32,  # image side of the dummy forward that sizes a classifier without timm
+        role: str = "classifier",  # the name's prefix: "classifier" (the explained one) or "feature-net"
     ) -> None:
         super().__init__()
         self.classifier = classifier
@@ -129,11 +130,11 @@ class ClassifierFeatures(FeatureExtractor):
         self.pooled = all(hasattr(obj, attr) for obj, attr in (
             (net, "forward_features"), (net, "forward_head"), (classifier, "preprocess")))
         if self.pooled:
-            self.name = f"classifier:{getattr(classifier, 'arch', type(net).__name__)}"
+            self.name = f"{role}:{getattr(classifier, 'arch', type(net).__name__)}"
             size = getattr(net, "head_hidden_size", None) or getattr(net, "num_features", None)
             self.num_features = int(size) if size else self._count_features(resolution)
         else:
-            self.name = f"classifier-probs:{type(classifier).__name__}"
+            self.name = f"{role}-probs:{type(classifier).__name__}"
             size = getattr(classifier, "num_classes", None)
             self.num_features = int(size) if isinstance(size, int) else self._count_features(resolution)
 
@@ -208,11 +209,12 @@ def feature_extractor(
     classifier: nn.Module,  # the frozen classifier
     inception_weights: str | Path | None = None,  # a local Inception weights file: use it instead
     resolution: int = 32,  # image side (only sizes a classifier without timm)
+    role: str = "classifier",  # the feature space's name prefix (see ClassifierFeatures)
 ) -> FeatureExtractor:
     """Inception features when a weights file is given, else the classifier's features."""
     if inception_weights:
         return InceptionFeatures(inception_weights)
-    return ClassifierFeatures(classifier, resolution)
+    return ClassifierFeatures(classifier, resolution, role)
 
 
 # ============================================================================ FID and KID

@@ -174,9 +174,11 @@ class StylexLoss:
         C: ClassifierFeatures,  # the frozen classifier, with its intermediate features
         lpips: nn.Module | None = None,  # the LPIPS distance, when that is the perceptual backend
         augment: nn.Module | None = None,  # AugmentPipe applied to every image D sees; None = no augmentation
+        features: ClassifierFeatures | None = None,  # the realism features (perceptual, D's heads); None = C
     ) -> None:
         self.cfg = config
         self.G, self.D, self.E, self.G_ema, self.C = G, D, E, G_ema, C
+        self.F = C if features is None else features
         self.perceptual_backend = resolve_backend(config.perceptual_backend) if config.perceptual > 0 else "none"
         self.lpips = lpips
         self.augment = augment
@@ -190,12 +192,16 @@ class StylexLoss:
         x = img if self.augment is None else self.augment(img)
         if getattr(self.D, "feature_heads", None) is None:
             return self.D(x, c)
-        return self.D(x, c, features=self.C(x)[1])
+        return self.D(x, c, features=self.F(x)[1])
 
     def _classify(self, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if features and self.perceptual_backend == "classifier":
+        """The explained classifier's logits of ``x`` and, when asked for (perceptual backend
+        "classifier"), the feature network's maps: one pass when the two are the same network."""
+        if not (features and self.perceptual_backend == "classifier"):
+            return self.C.classifier(x), []
+        if self.F is self.C:
             return self.C(x)
-        return self.C.classifier(x), []
+        return self.C.classifier(x), self.F(x)[1]
 
     def _perceptual(self, x_rec, x, feats_rec, feats_real) -> torch.Tensor:
         if self.perceptual_backend == "classifier":

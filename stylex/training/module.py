@@ -84,6 +84,7 @@ class StylexModule(pl.LightningModule):
         class_names: list[str] | None = None,
         val_noise_mode: str = "const",
         info: Mapping[str, Any] | None = None,  # what the run records with the model (export, summary)
+        feature_classifier: nn.Module | None = None,  # frozen; judges realism (perceptual, FID, D's heads); None = classifier
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -111,8 +112,13 @@ class StylexModule(pl.LightningModule):
             classifier.freeze()
         classifier.eval().requires_grad_(False)
         self.C = ClassifierFeatures(classifier)
-        # The feature heads' sizes follow the classifier (not saved: the loss config rebuilds them).
-        features = {"feature_channels": self.C.channels(int(generator["resolution"]))} if self.loss_cfg.d_features else {}
+        # The realism features: the explained classifier's own unless a second network is given
+        # (a submodule only then: C registered twice would put its weights twice in checkpoints).
+        if feature_classifier is not None:
+            feature_classifier.eval().requires_grad_(False)
+        self.feature_net = ClassifierFeatures(feature_classifier) if feature_classifier is not None else None
+        # The feature heads' sizes follow the feature network (not saved: the loss config rebuilds them).
+        features = {"feature_channels": self.F.channels(int(generator["resolution"]))} if self.loss_cfg.d_features else {}
         self.D = Discriminator(**discriminator, **features)
         self.E = Encoder(**encoder)
         self.G_ema = make_ema(self.G)
@@ -125,7 +131,8 @@ class StylexModule(pl.LightningModule):
         self.augment = AugmentPipe(cfg.augment_p) if mode != "none" else None
         self.ada = (AdaController(self.augment, cfg.ada_target, cfg.ada_interval, cfg.ada_kimg)
                     if mode == "ada" else None)
-        self.loss = StylexLoss(self.loss_cfg, self.G, self.D, self.E, self.G_ema, self.C, augment=self.augment)
+        self.loss = StylexLoss(self.loss_cfg, self.G, self.D, self.E, self.G_ema, self.C, augment=self.augment,
+                               features=self.F)
         self.lpips = LPIPSDistance() if self.loss.perceptual_backend == "lpips" else None
         self.loss.lpips = self.lpips
 
@@ -155,6 +162,17 @@ class StylexModule(pl.LightningModule):
         return self.C.classifier
 
     @property
+    def F(self) -> ClassifierFeatures:
+        """The realism features (perceptual distance, FID, D's feature heads)."""
+        return self.feature_net if self.feature_net is not None else self.C
+
+    @property
+    def feature_classifier(self) -> nn.Module:
+        """The network whose features judge realism: the explained classifier unless
+        ``classifier.feature_checkpoint`` gave another."""
+        return self.F.classifier
+
+    @property
     def perceptual_backend(self) -> str:
         return self.loss.perceptual_backend
 
@@ -162,6 +180,7 @@ class StylexModule(pl.LightningModule):
         super().train(mode)
         self.G_ema.eval()
         self.C.eval()
+        self.F.eval()
         return self
 
     def _check_finite(self, params: list[nn.Parameter], what: str) -> None:

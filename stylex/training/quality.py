@@ -5,8 +5,9 @@ Every ``every_n_steps`` generator steps, and once more when training ends, the
 (classes in the class mix of the real set) and measures, with :mod:`stylex.metrics`:
 
 - ``val/fid``, ``val/kid`` and ``val/kid_std`` against ``num_real`` validation images, in the
-  feature space of the frozen classifier (pooled features; Inception-v3 only with
-  ``inception_weights``, a local file). The feature space is named in ``summary.json``
+  feature space of the frozen classifier (pooled features; those of the network of
+  ``classifier.feature_checkpoint`` when one is set, named ``feature-net:<arch>``; Inception-v3
+  only with ``inception_weights``, a local file). The feature space is named in ``summary.json``
   (``quality.feature``), in the plot titles and in the W&B config: FIDs of different spaces
   are not comparable. The real side is computed once per run and cached in
   ``<run>/metrics/real_<key>.pt`` (see :class:`~stylex.metrics.realism.RealismMeter`);
@@ -15,7 +16,9 @@ Every ``every_n_steps`` generator steps, and once more when training ends, the
 - on the synthetic data (``factor_fidelity``, auto = on there): ``val/factor_ratio/<class>/
   <factor>``, the mean exudate / haemorrhage count read by the factor probe on generated
   samples divided by that on real images of the class (where the real mean is at least 0.25),
-  and ``val/factor_diff/<class>/<factor>``, their difference. The probe is trained once per
+  ``val/factor_diff/<class>/<factor>``, their difference, and ``val/factor_contrast/<class>/
+  <factor>``, whether the counts follow the class (generated over real difference from the first
+  class, see :mod:`stylex.metrics.fidelity`). The probe is trained once per
   resolution and machine and cached (:func:`~stylex.metrics.probe.cached_factor_probe`).
 
 The figures go to the loggers at the current step (W&B draws them as native charts), into
@@ -235,7 +238,9 @@ class GeneratorQuality(pl.Callback):
             for a in range(0, len(idx), self.batch_size):
                 yield torch.stack([dataset[i]["image"] for i in idx[a : a + self.batch_size]]).to(device)
 
-        features = feature_extractor(pl_module.classifier, self.inception_weights, resolution)
+        network = getattr(pl_module, "feature_classifier", pl_module.classifier)
+        role = "classifier" if network is pl_module.classifier else "feature-net"
+        features = feature_extractor(network, self.inception_weights, resolution, role)
         meter = RealismMeter(features, batch_size=self.batch_size, seed=self.seed).to(device)
         identity = {"datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}",
                     "hparams": {k: v for k, v in dict(getattr(dm, "hparams", {}) or {}).items()
@@ -341,5 +346,10 @@ class GeneratorQuality(pl.Callback):
         if ratios:
             panels.append(line_plot(xs, ratios, title="Causal factors: generated / real mean count (1 = faithful)",
                                     xlabel=xlabel, ylabel="ratio", ylim=None, size=size))
+        contrast = {k.split("/", 2)[2]: series(k) for k in self.last["metrics"] if k.startswith("val/factor_contrast/")}
+        if contrast:
+            panels.append(line_plot(xs, contrast, title="Causal factors follow the class: generated / real "
+                                    "difference from the first class (1 = faithful)",
+                                    xlabel=xlabel, ylabel="contrast", ylim=None, size=size))
         image = stack(panels, gap=6)
         atomic_write(in_run(trainer, self.plot), lambda p: image.save(p, format="PNG"))

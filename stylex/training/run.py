@@ -557,10 +557,15 @@ def _check_data(cfg: DictConfig, dm: Any, classifier: Any, run_dir: Path) -> Non
 
 def _check_classifier(classifier: Any, run_dir: Path) -> None:
     """``classifier.checkpoint`` loads (a damaged file is named now, not after the data), or the
-    classifier a resumed run trained earlier does, or ``classifier.arch`` names a timm model."""
+    classifier a resumed run trained earlier does, or ``classifier.arch`` names a timm model; and
+    ``classifier.feature_checkpoint``, when set, loads."""
     from stylex.classifier.checkpoint import read_checkpoint
     from stylex.classifier.model import check_arch
 
+    if classifier.feature_checkpoint:  # the realism network: read now, before any stage runs
+        from stylex.classifier import load_feature_classifier
+
+        load_feature_classifier(classifier)
     own = run_dir / "classifier" / "classifier.safetensors"
     if not classifier.checkpoint and own.is_file():
         try:
@@ -698,10 +703,16 @@ def build_module(
     loss: Any = None,  # a checked LossConfig; None = cfg.loss
     info: dict[str, Any] | None = None,  # what the run records with the model (export, summary)
 ):
-    """The LightningModule of ``cfg.module`` around the frozen ``classifier``."""
+    """The LightningModule of ``cfg.module`` around the frozen ``classifier`` (and the realism
+    network of ``classifier.feature_checkpoint``, when set)."""
+    from stylex.classifier import load_feature_classifier
+
     # _partial_: the classifier and the checked loss reach the constructor as they are, not as config
     factory = instantiate(cfg.module, _partial_=True, _convert_="all")
     extra = {"loss": loss} if loss is not None else {}
+    features = load_feature_classifier(OmegaConf.to_container(cfg.classifier, resolve=True)) if "classifier" in cfg else None
+    if features is not None:
+        extra["feature_classifier"] = features
     return factory(classifier=classifier, num_classes=num_classes, class_names=list(class_names), info=info, **extra)
 
 
