@@ -249,16 +249,22 @@ def test_trained_probes_are_cached_per_resolution_and_settings(tmp_path, monkeyp
 
 
 # ============================================================================ the callback
-def test_callback_logs_plots_and_summarises_a_short_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("feature_net", [None, "resnet18"])
+def test_callback_logs_plots_and_summarises_a_short_run(tmp_path, monkeypatch, feature_net):
+    from stylex.classifier import build_classifier
     from stylex.training import quality
     from stylex.training.run import train
 
     monkeypatch.setenv("STYLEX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(quality, "PROBE_SETTINGS", {"num_train": 64, "num_val": 32, "epochs": 1})
     run = tmp_path / "runs" / "synthetic" / "run"
+    extra, feature = [], "classifier:resnet10t"
+    if feature_net:  # FID and KID are then read in the second network's features, and say so
+        build_classifier({"arch": feature_net}, 3).save(tmp_path / "features.safetensors")
+        extra, feature = [f"classifier.feature_checkpoint={tmp_path / 'features.safetensors'}"], f"feature-net:{feature_net}"
     train(tiny_cfg(run, "trainer.max_steps=4", "classifier.train.max_epochs=1", "trainer.val_check_interval=100",
                    "trainer.enable_progress_bar=false", "callbacks.quality.every_n_steps=2",
-                   "callbacks.quality.num_fake=16", "callbacks.quality.num_real=16"))
+                   "callbacks.quality.num_fake=16", "callbacks.quality.num_real=16", *extra))
     rows = []
     for f in (run / "logs").rglob("metrics.csv"):
         with open(f) as fh:
@@ -271,13 +277,13 @@ def test_callback_logs_plots_and_summarises_a_short_run(tmp_path, monkeypatch):
     assert summary["val/kid"] == pytest.approx(float(rows[-1]["val/kid"]))
     assert 0 <= summary["val/cond_fidelity"] <= 1
     q = summary["quality"]
-    assert q["feature"] == "classifier:resnet10t" and q["g_steps"] == 4
+    assert q["feature"] == feature and q["g_steps"] == 4
     assert q["num_fake"] == q["num_real"] == 16 and q["kid_subset_size"] == 8
     assert set(q["factors"]["classes"]) == {"healthy", "DR signs"}
     with Image.open(run / "quality.png") as img:
         assert img.format == "PNG" and img.height > 3 * 300  # FID, KID, conditioning and factor panels
     history = json.loads((run / "metrics" / "quality.json").read_text())
-    assert [h["g_steps"] for h in history["history"]] == [2, 4] and history["feature"] == "classifier:resnet10t"
+    assert [h["g_steps"] for h in history["history"]] == [2, 4] and history["feature"] == feature
     assert len(list((run / "metrics").glob("real_*.pt"))) == 1
     assert len(list((tmp_path / "cache" / "probes").glob("probe_r16_*.pt"))) == 1
 
