@@ -297,19 +297,18 @@ def load_feature_classifier(
             "to judge realism with the explained classifier"
         )
     try:
-        state, recorded = read_checkpoint(path)
-    except Exception as e:  # not a checkpoint, damaged, pickled objects
+        classifier = Classifier.load(path)
+    except Exception as e:  # bare weights, not a checkpoint, damaged, pickled objects
+        if isinstance(e, ValueError) and "bare weights" in str(e):
+            raise ConfigError(
+                f"classifier.feature_checkpoint={path} holds bare weights that record no architecture; save "
+                "the network with Classifier.save (a .safetensors file with its .json), or use a "
+                "ClassifierModule .ckpt"
+            ) from e
         raise ConfigError(
             f"classifier.feature_checkpoint={path} cannot be read ({type(e).__name__}: {e}); point it at "
             "a good copy, or set it to null"
         ) from e
-    if recorded is None:
-        raise ConfigError(
-            f"classifier.feature_checkpoint={path} holds bare weights that record no architecture; save the "
-            "network with Classifier.save (a .safetensors file with its .json), or use a ClassifierModule .ckpt"
-        )
-    classifier = Classifier.from_config(recorded)
-    classifier.load_weights(state, source=path)
     return classifier.freeze()
 
 
