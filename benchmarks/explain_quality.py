@@ -181,7 +181,7 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     encoded = args.source == "val"
     suff = sufficiency(result, finder.evaluator, ks=range(1, args.flip_k + 1),
                        inputs=images if encoded else None, real_images=images,
-                       feature_classifier=realism_network(config, print))
+                       feature_classifier=realism_network(config, print, exp))
     t_probe = time.perf_counter()
     scale = float(config["dataset"].get("lesion_scale", 1.0))  # the probe learns lesions of the run's size
     probe = cached_factor_probe(exp.resolution, device=device, num_train=args.probe_train, epochs=args.probe_epochs,

@@ -3,8 +3,11 @@
 A folder with two files, readable without the training code's pickles:
 
 - ``model.safetensors``: tensors prefixed ``generator.`` (the EMA generator), ``encoder.`` and
-  ``classifier.`` (a copy of the frozen classifier's weights, so the export is self-contained);
-- ``stylex.json``: the format tag, the constructor arguments of the three networks, class names,
+  ``classifier.`` (a copy of the frozen classifier's weights, so the export is self-contained),
+  and ``feature_classifier.`` when the run judged realism in a network of its own
+  (``classifier.feature_checkpoint``), so that the explanation's KID reads the same features
+  wherever the export is taken;
+- ``stylex.json``: the format tag, the constructor arguments of the networks, class names,
   training counters and the run's resolved config.
 """
 
@@ -36,13 +39,19 @@ class Export:
     classifier: nn.Module
     class_names: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    feature_classifier: nn.Module | None = None  # the run's realism network, when it had one
+
+    @property
+    def networks(self) -> list[nn.Module]:
+        nets = [self.generator, self.encoder, self.classifier]
+        return nets + ([self.feature_classifier] if self.feature_classifier is not None else [])
 
     @property
     def resolution(self) -> int:
         return int(self.meta["generator"]["resolution"])
 
     def to(self, device) -> "Export":
-        for m in (self.generator, self.encoder, self.classifier):
+        for m in self.networks:
             m.to(device)
         return self
 
@@ -60,6 +69,7 @@ def save_export(
     classifier: nn.Module,  # stylex.classifier.Classifier
     class_names: list[str],
     extra: dict[str, Any] | None = None,
+    feature_classifier: nn.Module | None = None,  # stylex.classifier.Classifier that judged realism, if any
 ) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/stylex.json`` atomically; returns out_dir."""
     out_dir = Path(out_dir)
@@ -73,6 +83,9 @@ def save_export(
         "class_names": list(class_names),
         **(extra or {}),
     }
+    if feature_classifier is not None:
+        tensors.update(_state("feature_classifier", feature_classifier))
+        meta["feature_classifier"] = dict(feature_classifier.config)
     atomic_write(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
     atomic_write_json(out_dir / META_FILE, meta)
     return out_dir
@@ -132,15 +145,20 @@ def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> E
         n = len(prefix) + 1
         return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
-    generator = Generator(**meta["generator"])
-    encoder = Encoder(**meta["encoder"])
-    classifier = Classifier.from_config(meta["classifier"])
-    for name, module in (("generator", generator), ("encoder", encoder), ("classifier", classifier)):
+    modules = {
+        "generator": Generator(**meta["generator"]),
+        "encoder": Encoder(**meta["encoder"]),
+        "classifier": Classifier.from_config(meta["classifier"]),
+    }
+    if meta.get("feature_classifier"):  # exports of runs without a realism network have none
+        modules["feature_classifier"] = Classifier.from_config(meta["feature_classifier"])
+    for name, module in modules.items():
         try:
             module.load_state_dict(part(name))
         except RuntimeError as e:
             raise ValueError(f"the {name} weights in {weights} do not match its config in {META_FILE}: {e}") from e
         module.to(map_location).eval().requires_grad_(False)
-    if hasattr(classifier, "freeze"):
-        classifier.freeze()
-    return Export(generator, encoder, classifier, list(meta["class_names"]), meta)
+        if hasattr(module, "freeze"):
+            module.freeze()
+    return Export(modules["generator"], modules["encoder"], modules["classifier"], list(meta["class_names"]), meta,
+                  feature_classifier=modules.get("feature_classifier"))

@@ -638,6 +638,49 @@ def test_a_feature_network_judges_realism_and_the_explained_classifier_keeps_the
     assert any(k.startswith("feature_net.") for k in module.state_dict())
 
 
+def test_the_export_carries_the_realism_network_and_the_explanation_reads_it_from_there(tmp_path):
+    """A run with classifier.feature_checkpoint exports that network too, so the explanation's KID
+    reads the features training used even when the file it came from is gone; a run without one
+    exports no copy of anything."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from stylex.classifier import build_classifier
+    from stylex.explain.inputs import realism_network
+    from stylex.export import load_export
+    from stylex.training.callbacks import Exporter
+
+    cfg, dm, clf = _module_and_data(tmp_path)
+    torch.manual_seed(5)
+    other = build_classifier({"arch": "resnet18"}, 3)
+    path = tmp_path / "features.safetensors"
+    other.save(path)
+    module = build_module(tiny_cfg(tmp_path / "run", f"classifier.feature_checkpoint={path}"),
+                          dm.num_classes, dm.class_names, clf)
+    plain = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    for name, m in (("with", module), ("plain", plain)):
+        Exporter(out_dir=str(tmp_path / name)).export(SimpleNamespace(default_root_dir=str(tmp_path)), m)
+    path.unlink()  # the file the run named is gone; the export still has the network
+
+    exp = load_export(tmp_path / "with")
+    net = exp.feature_classifier
+    assert net is not None and not net.training and not any(p.requires_grad for p in net.parameters())
+    assert net.config["arch"] == "resnet18" and net.num_classes == 3
+    for k, v in other.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v), f"exported feature network tensor {k} differs"
+    for k, v in clf.state_dict().items():  # the explained classifier is still the explained one
+        assert torch.equal(exp.classifier.state_dict()[k], v)
+    notes: list[str] = []
+    config = {"classifier": {"feature_checkpoint": str(path)}}
+    assert realism_network(config, notes.append, exp) is net and notes == []
+    assert realism_network(config, notes.append) is None and len(notes) == 1  # without the export: the note
+
+    bare = load_export(tmp_path / "plain")
+    assert bare.feature_classifier is None and "feature_classifier" not in bare.meta
+    assert not any(k.startswith("feature_classifier.") for k in load_file(str(tmp_path / "plain" / "model.safetensors")))
+
+
 # ------------------------------------------------------------------------------------------ ADA
 ADA_KIMG = 0.5  # p moves by 8 · 4 / 500 = 0.064 per update: visible within 40 steps
 

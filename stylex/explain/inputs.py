@@ -86,10 +86,15 @@ def run_config(
 def realism_network(
     config: dict[str, Any],  # the run's resolved config (run_config)
     say: Any = None,  # callable for a note when the network is named but cannot be loaded
+    export: Any = None,  # the loaded Export: its own copy of the network wins over the file
 ) -> torch.nn.Module | None:
     """The run's ``classifier.feature_checkpoint`` network, which judged realism in training, so
-    that the explanation's KID is read in the same features; None when the run had none, or
-    (with a note) when its file is gone or unreadable: the explained classifier's features then."""
+    that the explanation's KID is read in the same features; None when the run had none. The
+    export's copy is used when it carries one; otherwise the file named in the config, and when
+    that is gone or unreadable (with a note) the explained classifier's features."""
+    own = getattr(export, "feature_classifier", None)
+    if own is not None:
+        return own
     path = (config.get("classifier") or {}).get("feature_checkpoint")
     if not path:
         return None

@@ -210,7 +210,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         flip_k=req.flip_k, examples=req.examples, image_info=info, inputs=inputs, real_images=real_images,
         image_panels=panels, settings=settings, trainer_kwargs=trainer_kwargs, ground_truth_probe=probe,
         progress=say, title=f"StylEx explanation of {(run_dir or export_dir).name}", sections=sections,
-        feature_classifier=realism_network(config, say) if req.flip_k > 0 else None,
+        feature_classifier=realism_network(config, say, exp) if req.flip_k > 0 else None,
     )
     if run_dir is not None and req.wandb:
         lcfg = wandb_settings(config)

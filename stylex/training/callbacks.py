@@ -206,8 +206,8 @@ class SampleGrid(pl.Callback):
 
 
 class Exporter(pl.Callback):
-    """Writes the export (EMA generator, encoder, classifier, and what the run records with the
-    model: the module's ``info``) to ``<run>/export`` at the end of training and every
+    """Writes the export (EMA generator, encoder, classifier, the realism network when the run has
+    one of its own, and what the run records with the model: the module's ``info``) to ``<run>/export`` at the end of training and every
     ``every_n_steps`` generator steps (0 = only at the end)."""
 
     def __init__(self, out_dir: str = "export", every_n_steps: int = 0):
@@ -222,6 +222,8 @@ class Exporter(pl.Callback):
         return save_export(
             in_run(trainer, self.out_dir), pl_module.G_ema, dict(hp.generator), pl_module.E, dict(hp.encoder),
             pl_module.classifier, pl_module.class_names, extra=extra,
+            feature_classifier=(pl_module.feature_classifier
+                                if getattr(pl_module, "feature_net", None) is not None else None),
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
