@@ -207,8 +207,9 @@ class SampleGrid(pl.Callback):
 
 class Exporter(pl.Callback):
     """Writes the export (EMA generator, encoder, classifier, the realism network when the run has
-    one of its own, and what the run records with the model: the module's ``info``) to ``<run>/export`` at the end of training and every
-    ``every_n_steps`` generator steps (0 = only at the end)."""
+    one of its own, and what the run records with the model: the module's ``info``) to
+    ``<run>/export`` at the end of training and every ``every_n_steps`` generator steps (0 = only
+    at the end)."""
 
     def __init__(self, out_dir: str = "export", every_n_steps: int = 0):
         self.out_dir = Path(out_dir)
