@@ -634,6 +634,7 @@ def test_a_feature_network_judges_realism_and_the_explained_classifier_keeps_the
     # Without the option the module holds the explained classifier once, and checkpoints no copy.
     plain = build_module(cfg, dm.num_classes, dm.class_names, clf)
     assert plain.feature_classifier is clf and plain.F is plain.C
+    assert module.own_feature_classifier is net and plain.own_feature_classifier is None
     assert not any(k.startswith("feature_net.") for k in plain.state_dict())
     assert any(k.startswith("feature_net.") for k in module.state_dict())
 

@@ -37,12 +37,6 @@ from stylex.utils.runs import in_run
 log = logging.getLogger(__name__)
 
 
-def _own_feature_network(pl_module) -> torch.nn.Module | None:
-    """The module's realism network when it has one of its own (``classifier.feature_checkpoint``)."""
-    net = getattr(pl_module, "feature_classifier", None)
-    return None if net is None or net is getattr(pl_module, "classifier", None) else net
-
-
 class ExplainCallback(pl.Callback):
     """Explains the classifier with the model being trained.
 
@@ -170,7 +164,7 @@ class ExplainCallback(pl.Callback):
                     finder, flat, out_dir, names, top_k=min(self.top_k, finder.space.dim), flip_k=self.flip_k,
                     examples=self.examples, image_info=info, inputs=images, settings=settings,
                     title=f"StylEx explanation after {settings['g_steps']} steps", sections=sections,
-                    feature_classifier=_own_feature_network(pl_module),
+                    feature_classifier=getattr(pl_module, "own_feature_classifier", None),
                 )
         finally:
             encoder.train(was_training)

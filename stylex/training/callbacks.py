@@ -223,8 +223,7 @@ class Exporter(pl.Callback):
         return save_export(
             in_run(trainer, self.out_dir), pl_module.G_ema, dict(hp.generator), pl_module.E, dict(hp.encoder),
             pl_module.classifier, pl_module.class_names, extra=extra,
-            feature_classifier=(pl_module.feature_classifier
-                                if getattr(pl_module, "feature_net", None) is not None else None),
+            feature_classifier=getattr(pl_module, "own_feature_classifier", None),
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

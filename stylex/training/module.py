@@ -167,6 +167,12 @@ class StylexModule(pl.LightningModule):
         return self.feature_net if self.feature_net is not None else self.C
 
     @property
+    def own_feature_classifier(self) -> nn.Module | None:
+        """The realism network of ``classifier.feature_checkpoint``; None when the explained
+        classifier judges realism itself."""
+        return self.feature_net.classifier if self.feature_net is not None else None
+
+    @property
     def feature_classifier(self) -> nn.Module:
         """The network whose features judge realism: the explained classifier unless
         ``classifier.feature_checkpoint`` gave another."""

@@ -238,8 +238,8 @@ class GeneratorQuality(pl.Callback):
             for a in range(0, len(idx), self.batch_size):
                 yield torch.stack([dataset[i]["image"] for i in idx[a : a + self.batch_size]]).to(device)
 
-        network = getattr(pl_module, "feature_classifier", pl_module.classifier)
-        role = "classifier" if network is pl_module.classifier else "feature-net"
+        own = getattr(pl_module, "own_feature_classifier", None)
+        network, role = (pl_module.classifier, "classifier") if own is None else (own, "feature-net")
         features = feature_extractor(network, self.inception_weights, resolution, role)
         meter = RealismMeter(features, batch_size=self.batch_size, seed=self.seed).to(device)
         identity = {"datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}",
