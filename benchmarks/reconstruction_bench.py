@@ -3,6 +3,7 @@
     python benchmarks/reconstruction_bench.py                      # pixel L1 only, 600 steps
     python benchmarks/reconstruction_bench.py --rec-lap 8          # plus the Laplacian-pyramid L1
     python benchmarks/reconstruction_bench.py --steps 1200 --lr 0.003 --beta1-g 0.9 --grid recon.png
+    python benchmarks/reconstruction_bench.py --encoder-noise     # noise maps from the image (NoiseMapEncoder)
 
 StylEx's encoder path is an autoencoder: ``x -> E(x) -> G.synthesis -> x̂``. Before a run can
 explain what a classifier uses, this autoencoder has to draw those things; if it cannot within the
@@ -37,7 +38,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from stylex.data.synthetic import generate_split  # noqa: E402
 from stylex.metrics.probe import cached_factor_probe  # noqa: E402
-from stylex.networks.encoder import Encoder  # noqa: E402
+from stylex.networks.encoder import Encoder, NoiseMapEncoder  # noqa: E402
 from stylex.networks.generator import Generator  # noqa: E402
 from stylex.training import losses  # noqa: E402
 
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-train", type=int, default=4096)
     ap.add_argument("--num-eval", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--encoder-noise", action="store_true",
+                    help="render with noise maps computed from the image (NoiseMapEncoder) instead of noise")
     ap.add_argument("--grid", type=Path, default=None, help="write held-out scenes over their reconstructions here")
     args = ap.parse_args(argv)
 
@@ -78,20 +81,28 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     train, held_out = (scenes(args.num_train, "train", res, args.lesion_scale),
                        scenes(args.num_eval, "val", res, args.lesion_scale))
+    # With encoder noise the noise strengths start at 1: at StyleGAN2's 0 no gradient reaches the maps.
     G = Generator(z_dim=m.z_dim, w_dim=m.w_dim, c_dim=2, mapping_layers=m.mapping_layers, resolution=res,
-                  channel_base=m.channel_base, channel_max=m.channel_max)
+                  channel_base=m.channel_base, channel_max=m.channel_max,
+                  noise_init=1.0 if args.encoder_noise else 0.0)
     E = Encoder(res, m.w_dim, channel_base=m.channel_base, channel_max=m.channel_max,
                 latent=m.get("encoder_latent", "w"), num_ws=G.num_ws)
+    N = NoiseMapEncoder(G.noise_layers) if args.encoder_noise else None
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(args.beta1_g, 0.99))
-    opt_e = torch.optim.Adam(E.parameters(), lr=lr, betas=(0.9, 0.99))
+    opt_e = torch.optim.Adam(list(E.parameters()) + (list(N.parameters()) if N else []), lr=lr, betas=(0.9, 0.99))
+
+    def render(x: torch.Tensor, c: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        return G.generate(E(x), c, noise_mode=noise_mode, noise=None if N is None else N(x))
+
     c = torch.nn.functional.one_hot(torch.zeros(bs, dtype=torch.long), 2).float()  # one class vector throughout
     print(f"{args.model}: {res}x{res}, batch {bs}, lr {lr}, G beta1 {args.beta1_g}, "
-          f"loss {args.rec_l1} x L1 + {args.rec_lap} x Laplacian L1, {args.steps} steps")
+          f"loss {args.rec_l1} x L1 + {args.rec_lap} x Laplacian L1, {args.steps} steps"
+          + (", noise maps from the image" if N is not None else ""))
     gen = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         x = train[torch.randint(0, train.shape[0], (bs,), generator=gen)]
-        x_rec = G.generate(E(x), c)
+        x_rec = render(x, c)
         l1 = losses.l1(x_rec, x)
         loss = args.rec_l1 * l1 + (args.rec_lap * losses.laplacian_l1(x_rec, x) if args.rec_lap > 0 else 0.0)
         opt_g.zero_grad(set_to_none=True)
@@ -105,7 +116,7 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         ce = torch.nn.functional.one_hot(torch.zeros(held_out.shape[0], dtype=torch.long), 2).float()
-        rec = torch.cat([G.generate(E(held_out[i:i + 64]), ce[i:i + 64], noise_mode="const")
+        rec = torch.cat([render(held_out[i:i + 64], ce[i:i + 64], noise_mode="const")
                          for i in range(0, held_out.shape[0], 64)]).clamp(-1, 1)
         probe = cached_factor_probe(res, **({"lesion_scale": args.lesion_scale} if args.lesion_scale != 1.0 else {}))
         real_read, rec_read = probe.read(held_out), probe.read(rec)

@@ -308,6 +308,11 @@ def check_model(
     if model.get("encoder_latent", "w") not in ("w", "w+"):
         raise ConfigError(f"model.encoder_latent must be w or w+ (one latent for all style layers, or one per "
                           f"layer), got {model.get('encoder_latent')!r}")
+    if not isinstance(model.get("encoder_noise", False), bool):
+        raise ConfigError(f"model.encoder_noise must be true or false, got {model.get('encoder_noise')!r}")
+    if model.get("encoder_noise", False) and not float(model.get("noise_init") or 0.0) > 0:
+        raise ConfigError("model.encoder_noise=true needs noise inputs that start above zero: add "
+                          "model.noise_init=1 (at 0 no gradient reaches the encoder's noise maps)")
     for key in ("r1_gamma", "ema_kimg"):
         if key in model:
             _number(f"model.{key}", model[key], positive=False)

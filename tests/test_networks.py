@@ -18,6 +18,7 @@ from stylex.networks import (
     MinibatchStd,
     ModulatedConv2d,
     NoiseInjection,
+    NoiseMapEncoder,
     mix_latents,
 )
 from stylex.networks.discriminator import FeatureHeads
@@ -311,6 +312,86 @@ def test_noise_inputs_start_at_noise_init():
     w, c = torch.randn(2, 32), probs(2, 3)
     with torch.no_grad():
         assert not torch.allclose(G.generate(w, c, "const"), G.generate(w, c, "none"))
+
+
+def test_given_noise_maps_replace_the_noise_modes():
+    torch.manual_seed(0)
+    G = tiny_generator().eval()
+    set_noise_strength(G, 0.5)
+    w, c = torch.randn(2, 32), probs(2, 3)
+    layers = dict(G.synthesis.named_layers())
+    assert [name for name, _ in G.noise_layers] == [n for n in layers if not n.endswith("torgb")]
+    const = {name: layers[name].noise.noise_const for name, _ in G.noise_layers}  # batch 1, broadcast
+    zeros = {name: torch.zeros(2, 1, r, r) for name, r in G.noise_layers}
+    with torch.no_grad():
+        # the maps are used in place of the noise: the constant maps give the "const" render, zero maps "none"
+        torch.testing.assert_close(G.generate(w, c, "random", noise=const), G.generate(w, c, "const"))
+        torch.testing.assert_close(G.generate(w, c, "random", noise=zeros), G.generate(w, c, "none"))
+        # one image's map changed changes that image only
+        moved = dict(zeros, **{"b16.conv1": torch.cat([torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16)])})
+        a, b = G.generate(w, c, noise=zeros), G.generate(w, c, noise=moved)
+        assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    with pytest.raises(ValueError, match="'b8.conv0'"):
+        G.generate(w, c, noise={k: v for k, v in zeros.items() if k != "b8.conv0"})
+    with pytest.raises(ValueError, match=r"'b8.conv1'.*\[2 or 1, 1, 8, 8\]"):
+        G.generate(w, c, noise=dict(zeros, **{"b8.conv1": torch.zeros(2, 1, 4, 4)}))
+    with pytest.raises(ValueError, match="b8.torgb"):
+        G.generate(w, c, noise=dict(zeros, **{"b8.torgb": torch.zeros(2, 1, 8, 8)}))
+
+
+def test_the_noise_map_encoder_gives_every_noise_layer_a_map_that_training_reaches():
+    torch.manual_seed(0)
+    G = tiny_generator(noise_init=1.0)
+    N = NoiseMapEncoder(G.noise_layers)
+    x = torch.randn(3, 3, 16, 16)
+    maps = N(x)
+    assert list(maps) == [name for name, _ in G.noise_layers]
+    assert all(maps[name].shape == (3, 1, r, r) for name, r in G.noise_layers)
+    # each image's maps depend on that image alone
+    x2 = x.clone()
+    x2[2] += 1.0
+    maps2 = N(x2)
+    assert all(torch.equal(maps[n][:2], maps2[n][:2]) and not torch.equal(maps[n][2], maps2[n][2]) for n in maps)
+    # a reconstruction loss through the generator reaches every head
+    G.generate(torch.randn(3, 32), probs(3, 3), noise=maps).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in N.parameters())
+    with pytest.raises(ValueError, match="at least 16x16"):
+        N(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="noise layers"):
+        NoiseMapEncoder([])
+
+
+def test_noise_maps_from_the_image_let_the_generator_place_what_the_latent_cannot():
+    # Planted: black 16x16 images with one white 4x4 square at a random place. The latent can say
+    # that there is a square but hardly where; the encoder's noise maps can. Same networks, seed,
+    # data and steps with and without the maps.
+    def squares(n, gen):
+        img = torch.full((n, 3, 16, 16), -1.0)
+        for k, (i, j) in enumerate(torch.randint(0, 13, (n, 2), generator=gen).tolist()):
+            img[k, :, i:i + 4, j:j + 4] = 1.0
+        return img
+
+    def fit(with_maps):
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(1)
+        G = tiny_generator(c_dim=0, w_dim=16, noise_init=1.0 if with_maps else 0.0)
+        E = Encoder(16, 16, **TINY)
+        N = NoiseMapEncoder(G.noise_layers, channels=8) if with_maps else None
+        params = list(G.parameters()) + list(E.parameters()) + (list(N.parameters()) if N else [])
+        opt = torch.optim.Adam(params, lr=3e-3, betas=(0.9, 0.99))
+        for _ in range(150):
+            x = squares(16, gen)
+            loss = (G.generate(E(x), None, "const", noise=N(x) if N else None) - x).abs().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        x = squares(64, torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            err = float((G.generate(E(x), None, "const", noise=N(x) if N else None) - x).abs().mean())
+        return err, float((x + 1).abs().mean())  # and the error of drawing no square at all
+
+    (blind, nothing), (placed, _) = fit(False), fit(True)
+    assert placed < 0.5 * min(blind, nothing), (placed, blind, nothing)
 
 
 def test_synthesize_reports_missing_and_misshapen_layers():

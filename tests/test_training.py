@@ -136,13 +136,17 @@ def _encoder_gradient_of_one_step(tmp_path, *overrides) -> list[torch.Tensor]:
     return captured["E"]
 
 
-def test_encoder_learns_from_the_reconstruction_terms_only(tmp_path):
+@pytest.mark.parametrize("maps", [False, True], ids=["latent", "latent+noise_maps"])
+def test_encoder_learns_from_the_reconstruction_terms_only(tmp_path, maps):
     """With encoder_losses=reconstruction, adding the KL and adversarial terms leaves E's gradient
-    unchanged (the generator still gets them); with "all" they reach E."""
+    unchanged (the generator still gets them); with "all" they reach E. With noise maps the same
+    holds for the map encoder's weights, which are part of E."""
+    extra = ["model.encoder_noise=true", "model.noise_init=1"] if maps else []
     no_gen_terms = ["loss.kl_rec=0", "loss.adv=0", "loss.kl_gen=0"]
-    base = _encoder_gradient_of_one_step(tmp_path / "a", *no_gen_terms, "loss.encoder_losses=all")
-    split = _encoder_gradient_of_one_step(tmp_path / "b", "loss.kl_rec=5", "loss.adv=2")
-    mixed = _encoder_gradient_of_one_step(tmp_path / "c", "loss.kl_rec=5", "loss.adv=2", "loss.encoder_losses=all")
+    base = _encoder_gradient_of_one_step(tmp_path / "a", *extra, *no_gen_terms, "loss.encoder_losses=all")
+    split = _encoder_gradient_of_one_step(tmp_path / "b", *extra, "loss.kl_rec=5", "loss.adv=2")
+    mixed = _encoder_gradient_of_one_step(tmp_path / "c", *extra, "loss.kl_rec=5", "loss.adv=2",
+                                          "loss.encoder_losses=all")
     assert any(g.abs().sum() > 0 for g in base)
     for a, b in zip(base, split):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
@@ -939,3 +943,54 @@ def test_noise_path_styles_come_from_two_latents_under_style_mixing(tmp_path, st
     assert bool((is_first ^ is_last).all()) and bool(is_first[:, 0].all())
     assert bool((is_last.long().diff(dim=1) >= 0).all())  # one switch, from the first to the second
     torch.testing.assert_close(wc[..., module.G.w_dim:], c[:, None].expand(-1, module.G.num_ws, -1))
+
+
+def test_a_run_with_encoder_noise_maps_trains_them_exports_them_and_renders_with_them(tmp_path):
+    """model.encoder_noise=true: E's map encoder learns in the training step, the reconstruction
+    and the export use its maps, and the noise path draws with maps of real images."""
+    from types import SimpleNamespace
+
+    from stylex.export import load_export
+    from stylex.training.callbacks import Exporter
+
+    cfg, dm, clf = _module_and_data(tmp_path, "model.encoder_noise=true", "model.noise_init=1")
+    torch.manual_seed(0)
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    assert module.E.noise_encoder is not None
+    assert [tuple(p) for p in module.hparams.encoder["noise_layers"]] == module.G.noise_layers
+    before = [p.detach().clone() for p in module.E.noise_encoder.parameters()]
+    _fit_steps(module, dm, 2, tmp_path)
+    assert all(not torch.equal(a, b) for a, b in zip(before, module.E.noise_encoder.parameters()))
+
+    x = next(iter(dm.val_dataloader()))["image"][:4]
+    module.eval()
+    with torch.no_grad():
+        rec, c = module.reconstruct(x)
+        maps = module.E.noise_maps(x)
+        torch.testing.assert_close(rec, module.G_ema.generate(module.E(x), c, noise_mode="const", noise=maps))
+        # the maps matter: the same latents under the constant noise draw something else
+        assert not torch.allclose(rec, module.G_ema.generate(module.E(x), c, noise_mode="const"), atol=1e-4)
+        z = torch.randn(4, module.G_ema.z_dim)
+        torch.testing.assert_close(module.sample(z, c, layout=x), module.G_ema(z, c, noise_mode="const", noise=maps))
+        # the quality measurements draw their samples the same way, with layouts in a fixed order
+        from stylex.training.quality import LayoutSampler
+
+        sampler = LayoutSampler(module.G_ema, module.E, x, seed=3)
+        first, second = sampler(z[:3], c[:3], "const"), sampler(z[:3], c[:3], "const")
+        order = sampler.order[torch.arange(6) % 4]
+        for got, rows in ((first, order[:3]), (second, order[3:])):
+            expected = module.G_ema(z[:3], c[:3], noise_mode="const", noise=module.E.noise_maps(x[rows]))
+            torch.testing.assert_close(got, expected)
+
+    Exporter(out_dir=str(tmp_path / "export")).export(SimpleNamespace(default_root_dir=str(tmp_path)), module)
+    exp = load_export(tmp_path / "export")
+    with torch.no_grad():
+        exported = exp.generator.generate(exp.encoder(x), c, noise_mode="const", noise=exp.encoder.noise_maps(x))
+    torch.testing.assert_close(exported, rec)
+
+
+def test_encoder_noise_maps_need_a_nonzero_noise_start(tmp_path):
+    cfg, dm, clf = _module_and_data(tmp_path)
+    cfg.model.encoder_noise = True  # past the config check, straight to the module
+    with pytest.raises(ValueError, match="model.noise_init"):
+        build_module(cfg, dm.num_classes, dm.class_names, clf)

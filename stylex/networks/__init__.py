@@ -2,7 +2,7 @@
 the encoder, built from equalised-learning-rate layers."""
 
 from stylex.networks.discriminator import Discriminator, DiscriminatorBlock, MinibatchStd, ResidualTrunk
-from stylex.networks.encoder import Encoder
+from stylex.networks.encoder import Encoder, NoiseMapEncoder
 from stylex.networks.generator import Generator, mix_latents
 from stylex.networks.layers import (
     EqualizedConv2d,
@@ -27,6 +27,7 @@ __all__ = [
     "Discriminator",
     "DiscriminatorBlock",
     "Encoder",
+    "NoiseMapEncoder",
     "EqualizedConv2d",
     "EqualizedLinear",
     "Generator",

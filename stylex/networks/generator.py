@@ -151,17 +151,25 @@ class Generator(nn.Module):
         noise_mode: str = "const",
         from_layer: str | None = None,
         cache: dict[str, SynthesisState] | None = None,
+        noise: Mapping[str, torch.Tensor] | None = None,  # the noise maps themselves (SynthesisNetwork.noise_layers)
     ) -> torch.Tensor:  # [batch, img_channels, resolution, resolution]
         """Render from a styles mapping; see :mod:`stylex.networks.synthesis` for prefix reuse."""
-        return self.synthesis.synthesize(styles, noise_mode=noise_mode, from_layer=from_layer, cache=cache)
+        return self.synthesis.synthesize(styles, noise_mode=noise_mode, from_layer=from_layer, cache=cache,
+                                         noise=noise)
+
+    @property
+    def noise_layers(self) -> list[tuple[str, int]]:
+        """``(name, resolution)`` of every layer with a noise input."""
+        return self.synthesis.noise_layers
 
     def generate(
         self,
         w: torch.Tensor,  # [batch, w_dim]
         c: torch.Tensor | None,  # [batch, c_dim]
         noise_mode: str = "random",
+        noise: Mapping[str, torch.Tensor] | None = None,  # the noise maps themselves, instead of noise_mode
     ) -> torch.Tensor:  # [batch, img_channels, resolution, resolution]
-        return self.synthesize(self.styles(self.condition(w, c)), noise_mode=noise_mode)
+        return self.synthesize(self.styles(self.condition(w, c)), noise_mode=noise_mode, noise=noise)
 
     def forward(
         self,
@@ -169,5 +177,6 @@ class Generator(nn.Module):
         c: torch.Tensor | None,  # [batch, c_dim]
         truncation_psi: float = 1.0,
         noise_mode: str = "random",
+        noise: Mapping[str, torch.Tensor] | None = None,  # the noise maps themselves, instead of noise_mode
     ) -> torch.Tensor:  # [batch, img_channels, resolution, resolution]
-        return self.generate(self.mapping(z, truncation_psi=truncation_psi), c, noise_mode=noise_mode)
+        return self.generate(self.mapping(z, truncation_psi=truncation_psi), c, noise_mode=noise_mode, noise=noise)

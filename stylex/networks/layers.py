@@ -297,8 +297,9 @@ class NoiseInjection(nn.Module):
 
     ``noise_mode``: ``"random"`` draws fresh noise per call; ``"const"`` uses a fixed noise map
     drawn at construction (stored in the state dict, so renders are reproducible across runs);
-    ``"none"`` adds nothing. ``strength`` starts at ``init`` (StyleGAN2: zero, so noise only
-    matters once learnt).
+    ``"none"`` adds nothing. A ``noise`` map passed to :meth:`forward` replaces all three (an
+    encoder's maps, see :class:`~stylex.networks.encoder.NoiseMapEncoder`). ``strength`` starts at
+    ``init`` (StyleGAN2: zero, so noise only matters once learnt).
     """
 
     def __init__(
@@ -315,11 +316,14 @@ class NoiseInjection(nn.Module):
         self,
         x: torch.Tensor,  # [batch, channels, resolution, resolution]
         noise_mode: str = "random",
+        noise: torch.Tensor | None = None,  # [batch or 1, 1, resolution, resolution]: this map instead
     ) -> torch.Tensor:
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {noise_mode!r}")
         if x.shape[2:] != (self.resolution, self.resolution):
             raise ValueError(f"NoiseInjection built for {self.resolution}x{self.resolution} got {tuple(x.shape)}")
+        if noise is not None:
+            return x + noise.to(x.dtype) * self.strength.to(x.dtype)
         if noise_mode == "none":
             return x
         if noise_mode == "random":

@@ -105,8 +105,9 @@ class SynthesisLayer(nn.Module):
         x: torch.Tensor,  # [batch, in_channels, r, r]
         s: torch.Tensor,  # [batch, in_channels] style
         noise_mode: str = "random",
+        noise: torch.Tensor | None = None,  # [batch or 1, 1, r * up, r * up]: this map instead of noise_mode's
     ) -> torch.Tensor:  # [batch, out_channels, r * up, r * up]
-        x = self.noise(self.conv(x, s), noise_mode)
+        x = self.noise(self.conv(x, s), noise_mode, noise)
         return bias_act(x, self.bias.to(x.dtype), dim=1, act="lrelu", clamp=self.conv_clamp)
 
 
@@ -222,6 +223,35 @@ class SynthesisNetwork(nn.Module):
     def num_styles(self) -> int:
         return sum(c for _, c in self.style_layers)
 
+    @property
+    def noise_layers(self) -> list[tuple[str, int]]:
+        """``(name, resolution)`` of every layer with a noise input (the convolutions), in
+        synthesis order: the keys and map sizes :meth:`synthesize` takes as ``noise``."""
+        return [(name, layer.noise.resolution) for name, layer in self.named_layers()
+                if isinstance(layer, SynthesisLayer)]
+
+    def _check_noise(
+        self,
+        noise: Mapping[str, torch.Tensor],
+        needed: Sequence[str],
+        batch: int,
+    ) -> None:
+        """Raise ValueError naming the first noise map that is unknown, missing or misshapen."""
+        sizes = dict(self.noise_layers)
+        unknown = [k for k in noise if k not in sizes]
+        if unknown:
+            raise ValueError(f"noise maps for unknown layer(s) {unknown}; the layers with noise are {list(sizes)}")
+        for name in needed:
+            if name not in noise:
+                raise ValueError(f"the noise maps have no entry for layer {name!r}: give one for every "
+                                 "convolution rendered (SynthesisNetwork.noise_layers), or none")
+            n, r = noise[name], sizes[name]
+            ok = isinstance(n, torch.Tensor) and n.ndim == 4 and n.shape[0] in (1, batch) and n.shape[1:] == (1, r, r)
+            if not ok:
+                shape = tuple(n.shape) if isinstance(n, torch.Tensor) else type(n).__name__
+                raise ValueError(f"the noise map of layer {name!r} must have shape [{batch} or 1, 1, {r}, {r}], "
+                                 f"got {shape}")
+
     def styles(
         self,
         wc: torch.Tensor,  # [batch, latent_dim], or [batch, num_layers, latent_dim] (one per layer)
@@ -272,8 +302,13 @@ class SynthesisNetwork(nn.Module):
         noise_mode: str = "const",  # "random" | "const" | "none"
         from_layer: str | None = None,  # resume at this layer from `cache` (prefix reuse)
         cache: dict[str, SynthesisState] | None = None,  # filled by a full render, read by a resumed one
+        noise: Mapping[str, torch.Tensor] | None = None,  # conv layer -> [batch or 1, 1, r, r]; replaces noise_mode
     ) -> torch.Tensor:  # [batch, img_channels, resolution, resolution]
-        """Render an image from a (possibly edited) styles mapping."""
+        """Render an image from a (possibly edited) styles mapping.
+
+        ``noise`` gives every convolution's noise map itself (keys and sizes:
+        :attr:`noise_layers`), for instance an encoder's maps of the image being reconstructed;
+        ``noise_mode`` is then not used."""
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {noise_mode!r}")
         layers = self.named_layers()
@@ -289,6 +324,9 @@ class SynthesisNetwork(nn.Module):
                 )
             start = self._index[from_layer]
         batch = self._check_styles(styles, [name for name, _ in layers[start:]])
+        if noise is not None:
+            self._check_noise(noise, [name for name, layer in layers[start:] if isinstance(layer, SynthesisLayer)],
+                              batch)
         dtype = styles[layers[start][0]].dtype
 
         if from_layer is None:
@@ -311,7 +349,7 @@ class SynthesisNetwork(nn.Module):
                 y = layer(x, styles[name])
                 img = y if img is None else upsample2d(img, self.resample_filter) + y
             else:
-                x = layer(x, styles[name], noise_mode)
+                x = layer(x, styles[name], noise_mode, None if noise is None else noise[name])
 
         assert img is not None and img.shape == (batch, self.img_channels, self.resolution, self.resolution), (
             f"synthesis produced {None if img is None else tuple(img.shape)}"

@@ -181,7 +181,8 @@ class SampleGrid(pl.Callback):
             rows = [real, rec]
             for k in range(pl_module.num_classes):
                 c = F.one_hot(torch.full((z.shape[0],), k, device=z.device), pl_module.num_classes).float()
-                rows.append(pl_module.G_ema(z, c, noise_mode="const"))
+                # With the encoder's noise maps, each sample takes its layout from the next real image.
+                rows.append(pl_module.sample(z, c, layout=real.roll(1, dims=0)))
         imgs = torch.cat(rows).float().clamp(-1, 1).add(1).div(2)
         return make_grid(imgs, nrow=real.shape[0], padding=1, pad_value=1.0)
 

@@ -152,6 +152,8 @@ class Renders(NamedTuple):
     w_in: torch.Tensor | None  # what G starts from: a detached leaf copy of w (see _encoder_surrogate), or w
     x_rec: torch.Tensor | None  # [B, 3, R, R] G(w_in, C(x)), with G's graph (encoder path)
     x_gen: torch.Tensor | None  # [B, 3, R, R] G(z, c_noise), with G's graph (noise path)
+    maps: dict[str, torch.Tensor] | None = None  # E's noise maps of x, with E's graph (None: E encodes w alone)
+    maps_in: dict[str, torch.Tensor] | None = None  # what G's noise inputs take: leaf copies of maps, or maps
 
 
 Logs = dict[str, torch.Tensor]
@@ -239,28 +241,58 @@ class StylexLoss:
         G phase. Call it while G and E require gradients."""
         x = inputs.x
         use_enc, use_noise = paths
-        w = w_in = x_rec = x_gen = None
+        split = self.cfg.encoder_losses == "reconstruction"
+        w = w_in = x_rec = x_gen = maps = maps_in = None
         if use_enc:
-            w = self.E(x)
-            w_in = w.detach().requires_grad_(True) if self.cfg.encoder_losses == "reconstruction" else w
-            x_rec = self._encoder_images(w_in, inputs.c_real)
+            w, maps = self.E(x), self.E.noise_maps(x)
+            w_in = w.detach().requires_grad_(True) if split else w
+            if maps is not None:
+                maps_in = {k: v.detach().requires_grad_(True) for k, v in maps.items()} if split else maps
+            x_rec = self._encoder_images(w_in, inputs.c_real, maps_in)
         if use_noise:
-            x_gen = self._noise_images(inputs.c_noise)
-        return Renders(w, w_in, x_rec, x_gen)
+            x_gen = self._noise_images(inputs.c_noise, self._layout_maps(x, maps))
+        return Renders(w, w_in, x_rec, x_gen, maps, maps_in)
 
-    def _encoder_images(self, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # [B, 3, R, R] G(w, c)
-        """The encoder path's images for latents ``w = E(x)``, with the noise of ``rec_noise``."""
-        return self.G.generate(w, c, noise_mode=self.cfg.rec_noise)
+    def _encoder_images(
+        self,
+        w: torch.Tensor,
+        c: torch.Tensor,
+        maps: Mapping[str, torch.Tensor] | None = None,  # E's noise maps of the images; None: rec_noise's noise
+    ) -> torch.Tensor:  # [B, 3, R, R] G(w, c)
+        """The encoder path's images for latents ``w = E(x)``, with E's noise maps of x when it
+        encodes them and otherwise the noise of ``rec_noise``."""
+        return self.G.generate(w, c, noise_mode=self.cfg.rec_noise, noise=maps)
 
-    def _noise_images(self, c: torch.Tensor) -> torch.Tensor:  # [B, 3, R, R] G(M(z), c), style-mixed
+    def _layout_maps(
+        self,
+        x: torch.Tensor,
+        maps: Mapping[str, torch.Tensor] | None,  # E's maps of x when the step already has them
+    ) -> dict[str, torch.Tensor] | None:
+        """The noise path's noise maps when E encodes them: the maps of the batch's real images,
+        detached, in an order drawn independently of ``c_noise``'s. The generator then meets
+        the same kind of maps on both paths, and a class vector drawn for another image than
+        the layout's teaches it to draw or leave out what the class needs (lesions, say) from
+        the styles, which are what AttFind edits. None when E encodes the latent alone."""
+        if self.E.noise_encoder is None:
+            return None
+        with torch.no_grad():
+            maps = self.E.noise_maps(x) if maps is None else maps
+            order = torch.randperm(x.shape[0], device=x.device)
+            return {k: v.detach()[order] for k, v in maps.items()}
+
+    def _noise_images(
+        self,
+        c: torch.Tensor,
+        maps: Mapping[str, torch.Tensor] | None = None,  # noise maps (see _layout_maps); None: random noise
+    ) -> torch.Tensor:  # [B, 3, R, R] G(M(z), c), style-mixed
         """The noise path's images for class vectors ``c``; with ``style_mixing`` that share of
         them takes its styles from two mapped latents (:func:`~stylex.networks.generator.mix_latents`)."""
         z = torch.randn(c.shape[0], self.G.z_dim, device=c.device)
         if self.cfg.style_mixing <= 0:
-            return self.G(z, c)
+            return self.G(z, c, noise=maps)
         w = self.G.mapping(z)
         w2 = self.G.mapping(torch.randn_like(z), update_w_avg=False)
-        return self.G.generate(mix_latents(w, w2, self.G.num_ws, self.cfg.style_mixing), c)
+        return self.G.generate(mix_latents(w, w2, self.G.num_ws, self.cfg.style_mixing), c, noise=maps)
 
     # ------------------------------------------------------------------ D main + D reg
     def discriminator(
@@ -278,13 +310,14 @@ class StylexLoss:
         with torch.no_grad():
             if use_enc and cfg.d_fakes in ("both", "encoder"):
                 have = renders is not None and renders.x_rec is not None
-                fakes.append(renders.x_rec.detach() if have else self._encoder_images(self.E(x), inputs.c_real))
+                fakes.append(renders.x_rec.detach() if have
+                             else self._encoder_images(self.E(x), inputs.c_real, self.E.noise_maps(x)))
                 conds.append(inputs.c_real)
             if use_noise and cfg.d_fakes in ("both", "noise") or not fakes:
                 if renders is not None and renders.x_gen is not None:
                     fakes.append(renders.x_gen.detach())
                 else:  # also the noise fakes D needs on an encoder-path step when d_fakes="noise"
-                    fakes.append(self._noise_images(inputs.c_noise))
+                    fakes.append(self._noise_images(inputs.c_noise, self._layout_maps(x, None)))
                 conds.append(inputs.c_noise)
         fake_logits = torch.cat([self._discriminate(f, c) for f, c in zip(fakes, conds)])
         logs: Logs = {}
@@ -342,7 +375,9 @@ class StylexLoss:
                 logs["train/rec_lap"] = rec_lap.detach()
             loss = loss + reconstruction + cfg.kl_rec * kl_rec + cfg.adv * adv_rec
             if split:
-                surrogate = self._encoder_surrogate(reconstruction, w, w_in)
+                pairs = [(w, w_in)] + ([(renders.maps[k], renders.maps_in[k]) for k in renders.maps]
+                                       if renders.maps is not None else [])
+                surrogate = self._encoder_surrogate(reconstruction, pairs)
             logs.update({
                 "train/rec_l1": rec_l1.detach(), "train/perceptual": perc.detach(), "train/latent_l1": lat.detach(),
                 "train/kl_rec": kl_rec.detach(), "train/adv_rec": adv_rec.detach(),
@@ -357,8 +392,12 @@ class StylexLoss:
         return loss, surrogate, logs
 
     @staticmethod
-    def _encoder_surrogate(reconstruction: torch.Tensor, w: torch.Tensor, w_in: torch.Tensor) -> torch.Tensor:
-        """A term whose gradient gives E exactly the gradient of ``reconstruction`` through w.
+    def _encoder_surrogate(
+        reconstruction: torch.Tensor,
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],  # (E's output, the leaf G started from): w, then any maps
+    ) -> torch.Tensor:
+        """A term whose gradient gives E exactly the gradient of ``reconstruction`` through its
+        outputs (the latent w, and the noise maps when E encodes them).
 
         E inverts the generator, so it learns from the pixel, perceptual and latent terms only;
         the classifier-KL and adversarial terms train the generator. Through a sharp classifier
@@ -369,10 +408,13 @@ class StylexLoss:
         (value irrelevant, gradient ``J_E^T g``) joins the one backward pass of the step, so a
         distributed run still reduces every gradient once.
         """
-        (g,) = torch.autograd.grad(reconstruction, w_in, retain_graph=True, allow_unused=True)
-        if g is None:
-            return w.sum() * 0.0
-        return (w.float() * g.detach().float()).sum()
+        outs, leaves = [o for o, _ in pairs], [leaf for _, leaf in pairs]
+        grads = torch.autograd.grad(reconstruction, leaves, retain_graph=True, allow_unused=True)
+        total = outs[0].sum() * 0.0
+        for out, g in zip(outs, grads):
+            if g is not None:
+                total = total + (out.float() * g.detach().float()).sum()
+        return total
 
     # ------------------------------------------------------------------ G reg
     def path_length(
@@ -410,7 +452,7 @@ class StylexLoss:
             logits, feats_real = self._classify(x, features=perceptual)
             c = logits.float().softmax(dim=1)
         w = self.E(x)
-        x_rec = self.G_ema.generate(w, c, noise_mode="const")
+        x_rec = self.G_ema.generate(w, c, noise_mode="const", noise=self.E.noise_maps(x))
         rec_l1 = losses.l1(x_rec.float(), x.float())
         loss = cfg.rec_l1 * rec_l1
         if cfg.rec_lap > 0:

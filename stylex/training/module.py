@@ -100,7 +100,10 @@ class StylexModule(pl.LightningModule):
         if unknown:
             raise ValueError(f"unknown optimiser option(s) {unknown}; known: {sorted(DEFAULT_OPTIM)}")
         self.G = Generator(**generator)
-        encoder = complete_kwargs(encoder, self.G.num_ws)
+        encoder = complete_kwargs(encoder, self.G.num_ws, self.G.noise_layers)
+        if encoder.get("noise_maps") and float(generator.get("noise_init", 0.0)) == 0.0:
+            raise ValueError("the encoder's noise maps (model.encoder_noise=true) need noise inputs that start "
+                             "above zero (model.noise_init, e.g. 1): at StyleGAN2's 0 no gradient reaches the maps")
         self.save_hyperparameters({
             "generator": generator, "discriminator": discriminator, "encoder": encoder,
             "loss": self.loss_cfg.to_dict(), "optim": dict(optim or {}), "ema_kimg": float(ema_kimg),
@@ -373,10 +376,24 @@ class StylexModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
+    def sample(
+        self,
+        z: torch.Tensor,  # [B, z_dim]
+        c: torch.Tensor,  # [B, K] class vectors
+        layout: torch.Tensor | None = None,  # [B, 3, R, R] real images whose noise maps to draw with
+        noise_mode: str = "const",
+    ) -> torch.Tensor:
+        """Noise-path images of the EMA generator. With the encoder's noise maps the generator
+        was trained on the maps of real images on this path too, so ``layout`` gives them (other
+        images than the ones a sample is compared with); without, it is not used."""
+        maps = self.E.noise_maps(layout) if layout is not None else None
+        return self.G_ema(z, c, noise_mode=noise_mode, noise=maps)
+
+    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, noise_mode: str = "const") -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder → EMA generator reconstruction. Returns (x̂ [B,3,R,R], the conditioning [B,K])."""
         c = self.classifier(x).float().softmax(dim=1)
-        return self.G_ema.generate(self.E(x), c, noise_mode=noise_mode), c
+        return self.G_ema.generate(self.E(x), c, noise_mode=noise_mode, noise=self.E.noise_maps(x)), c
 
     @torch.no_grad()
     def reconstruction_figures(
@@ -390,11 +407,11 @@ class StylexModule(pl.LightningModule):
         optimises): pixel L1, class agreement with the original, and classifier KL. The two
         differ most while G still moves fast; the encoder fit after training pairs E with G_ema."""
         c = self.classifier(x).float().softmax(dim=1)
-        w = self.E(x)
+        w, maps = self.E(x), self.E.noise_maps(x)
         out = {}
         pairings = (("", self.G_ema), ("_live", self.G)) if live else (("", self.G_ema),)
         for suffix, g in pairings:
-            x_rec = g.generate(w, c, noise_mode=noise_mode)
+            x_rec = g.generate(w, c, noise_mode=noise_mode, noise=maps)
             logits_rec = self.classifier(x_rec)
             out[f"val/recon_l1{suffix}"] = losses.l1(x_rec.float(), x.float())
             out[f"val/agreement{suffix}"] = (logits_rec.argmax(dim=1) == c.argmax(dim=1)).float().mean()

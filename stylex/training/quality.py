@@ -77,6 +77,26 @@ PROBE_SETTINGS: dict = {}
 MIN_PROBE_R2 = 0.5  # below this held-out R^2 a causal factor's readings are flagged as unreliable
 
 
+class LayoutSampler(torch.nn.Module):
+    """``G(z, c)`` for a generator trained with the encoder's noise maps: the noise path then
+    draws with the maps of real images (see ``StylexLoss._layout_maps``), so the samples take
+    theirs from ``layouts``, in a seeded order drawn independently of the samples' classes."""
+
+    def __init__(self, generator: torch.nn.Module, encoder: torch.nn.Module, layouts: torch.Tensor, seed: int = 0):
+        super().__init__()
+        self.generator, self.encoder = generator, encoder
+        self.z_dim = generator.z_dim
+        self.layouts = layouts
+        self.order = torch.randperm(layouts.shape[0], generator=torch.Generator().manual_seed(int(seed) + 1))
+        self.drawn = 0
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        pick = self.order[torch.arange(self.drawn, self.drawn + z.shape[0]) % self.order.numel()]
+        self.drawn += z.shape[0]
+        maps = self.encoder.noise_maps(self.layouts[pick].to(z.device))
+        return self.generator(z, c, noise_mode=noise_mode, noise=maps)
+
+
 @torch.no_grad()
 def evaluate_generator(
     generator: torch.nn.Module,  # G(z, one-hot c) -> [B, 3, R, R] in [-1, 1]
@@ -207,6 +227,8 @@ class GeneratorQuality(pl.Callback):
                 torch.manual_seed(self.seed)
                 generator.eval()
                 self._prepare(trainer, pl_module)
+                if getattr(pl_module.E, "noise_encoder", None) is not None:
+                    generator = LayoutSampler(generator, pl_module.E, self._layouts, self.seed)
                 result = evaluate_generator(
                     generator, pl_module.classifier, self._meter, self._labels, list(pl_module.class_names),
                     self.num_fake, self.seed, self.batch_size, probe=self._probe,
@@ -231,6 +253,8 @@ class GeneratorQuality(pl.Callback):
             raise RuntimeError("the data module has no validation images to compare with")
         idx = spread_indices(len(dataset), self.num_real)
         self._labels = torch.tensor([int(dataset[i]["label"]) for i in idx])
+        if getattr(pl_module.E, "noise_encoder", None) is not None:  # the noise path's layouts (LayoutSampler)
+            self._layouts = torch.stack([dataset[i]["image"] for i in idx])
         device = pl_module.device
         resolution = int(getattr(pl_module.G_ema, "resolution", 32))
 

@@ -691,8 +691,9 @@ def network_kwargs(cfg: DictConfig, num_classes: int) -> tuple[dict, dict, dict]
     m = OmegaConf.to_container(cfg.module, resolve=True)
     generator = {**m["generator"], "c_dim": num_classes}
     with torch.device("meta"):  # the layer count without allocating the weights
-        num_ws = Generator(**generator).num_ws
-    return generator, {**m["discriminator"], "c_dim": num_classes}, complete_kwargs(m["encoder"], num_ws)
+        g = Generator(**generator)
+    return (generator, {**m["discriminator"], "c_dim": num_classes},
+            complete_kwargs(m["encoder"], g.num_ws, g.noise_layers))
 
 
 def build_module(
