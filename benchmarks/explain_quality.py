@@ -84,6 +84,7 @@ from stylex.explain.refine import refine_latents  # noqa: E402
 from stylex.explain.result import searched_coordinates  # noqa: E402
 from stylex.export import load_export  # noqa: E402
 from stylex.metrics.probe import cached_factor_probe  # noqa: E402
+from stylex.stylespace import noise_rows  # noqa: E402
 
 
 def train_run(steps: int, runs_root: Path, overrides: list[str]) -> Path:
@@ -164,10 +165,15 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
                      AttFindConfig(prescreen=prescreen, measure=args.measure, shift_size=args.shift_size,
                                    layers=args.layers), device=device)
     images, _ = validation_images(config, args.num_images, exp.resolution)
+    # A run trained with model.encoder_noise draws each image's layout from the encoder's noise
+    # maps: real images keep their own in every render; generated samples take those of the
+    # validation images, as on the training's noise path (None for other runs: constant noise).
+    noise = finder.noise_maps(exp.encoder, images)
     if args.source == "generated":
         # The generator's own samples, every class in turn: what G draws on its noise path, where
         # the encoder's reconstruction error plays no part. The validation images stay KID's real set.
         flat = finder.sample(args.num_images, seed=0)
+        noise = noise_rows(noise, torch.arange(flat.shape[0]) % images.shape[0])
     else:
         flat = finder.encode(exp.encoder, images)
     refinement = None
@@ -177,7 +183,7 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
         refined = refine_latents(exp.generator, exp.encoder, exp.classifier, images, steps=args.refine_steps)
         flat = finder.styles_of(refined.w, refined.c)
         refinement = refined.to_dict()
-    result = finder.run(flat, top_k=args.top_k)
+    result = finder.run(flat, top_k=args.top_k, noise=noise)
     encoded = args.source == "val"
     suff = sufficiency(result, finder.evaluator, ks=range(1, args.flip_k + 1),
                        inputs=images if encoded else None, real_images=images,
@@ -189,14 +195,16 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     t_probe = time.perf_counter() - t_probe
     gt = ground_truth(result, finder.evaluator, probe, min_effect=args.min_effect)
     # Renders of generated samples have no real inputs to compare with.
-    carried = what_renders_carry(finder, flat, images, exp.classifier, probe) if encoded else {}
-    concentration = class_shift_concentration(exp.generator, probe, counts=(1, 10, 100))
+    carried = what_renders_carry(finder, flat, images, exp.classifier, probe, noise) if encoded else {}
+    concentration = class_shift_concentration(exp.generator, probe, counts=(1, 10, 100),
+                                              noise=noise_rows(noise, torch.arange(64) % images.shape[0]))
     bound, t_bound = None, time.perf_counter()
     if args.bound_images > 0:
         coords = torch.nonzero(searched_coordinates(finder.space, args.layers)).flatten()
-        effects = {c: coordinate_factor_effects(exp.generator, probe, result.flat[result.pools[c][:args.bound_images]],
-                                                result.targets[result.pools[c][:args.bound_images]], coords)
-                   for c in result.classes if result.pools[c].numel()}
+        pools = {c: result.pools[c][:args.bound_images] for c in result.classes if result.pools[c].numel()}
+        effects = {c: coordinate_factor_effects(exp.generator, probe, result.flat[pool], result.targets[pool], coords,
+                                                noise=noise_rows(noise, pool))
+                   for c, pool in pools.items()}
         bound = single_coordinate_bound(effects, probe.factor_names, gt.readable, gt.causal, args.min_effect, coords)
     t_bound = time.perf_counter() - t_bound
     photometric = photometric_sensitivity(exp.classifier, images)
@@ -277,7 +285,8 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
 
 
 @torch.no_grad()
-def what_renders_carry(finder: AttFind, flat: torch.Tensor, images: torch.Tensor, classifier, probe) -> dict:
+def what_renders_carry(finder: AttFind, flat: torch.Tensor, images: torch.Tensor, classifier, probe,
+                       noise=None) -> dict:
     """What the explained renders carry of their inputs, per predicted class: the classifier's
     probability of that class and the lesion counts the probe reads, on the real images and on
     their renders. A render the classifier puts in "DR signs" without the lesions is a render the
@@ -287,7 +296,8 @@ def what_renders_carry(finder: AttFind, flat: torch.Tensor, images: torch.Tensor
     def batched(fn, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([fn(x[i : i + 64].to(device)).float().cpu() for i in range(0, x.shape[0], 64)])
 
-    renders = batched(finder.space.render, flat)
+    renders = torch.cat([finder.evaluator.render(flat[i : i + 64].to(device), noise_rows(noise, slice(i, i + 64)))
+                         .float().cpu() for i in range(0, flat.shape[0], 64)])
     p_real, p_render = (batched(lambda b: classifier(b).softmax(1), x) for x in (images, renders))
     f_real, f_render = (batched(probe.read, x) for x in (images, renders))
     causal = [n for n in ("exudates", "haemorrhages") if n in probe.factor_names]

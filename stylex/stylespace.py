@@ -15,6 +15,7 @@ Typical use::
     i = space.index("b16.conv1", 7)
     edited = space.edit(flat, [i], [flat[:, i] + 3 * std[i]])
     img = space.render(edited)                        # deterministic: noise_mode="const"
+    img = space.render(edited, noise=maps)            # each image's own noise maps (encoder_noise runs)
 
 Prefix reuse: ``render(flat, cache={})`` records the synthesis state entering each layer; a
 later ``render(edited, from_layer=space.first_layer(coords), cache=cache)`` re-runs only the
@@ -41,6 +42,31 @@ from stylex.networks.generator import Generator
 from stylex.networks.synthesis import SynthesisState
 
 Coordinate = Union[int, tuple[str, int]]  # a flat index or a (layer, channel) pair
+NoiseMaps = Mapping[str, torch.Tensor]  # noise layer -> [N or 1, 1, r, r] (Generator.noise_layers)
+
+
+def noise_rows(
+    noise: NoiseMaps | None,
+    rows: torch.Tensor | slice,  # which images: an index tensor or a slice of the batch
+) -> dict[str, torch.Tensor] | None:
+    """The noise maps of some images (rows of every map; a map of batch 1 is shared by all
+    images and kept as it is). ``None`` stays ``None``: renders then use a noise mode."""
+    if noise is None:
+        return None
+    out = {}
+    for name, m in noise.items():
+        out[name] = m if m.shape[0] == 1 else m[rows if isinstance(rows, slice) else rows.to(m.device)]
+    return out
+
+
+def noise_cat(parts: Sequence[NoiseMaps | None]) -> dict[str, torch.Tensor] | None:
+    """Concatenate the noise maps of consecutive batches (all ``None`` or none of them)."""
+    parts = list(parts)
+    if not parts or all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise ValueError("noise_cat got batches with and without noise maps")
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 class StyleSpace:
@@ -208,12 +234,21 @@ class StyleSpace:
         noise_mode: str = "const",
         from_layer: str | None = None,  # resume from `cache` at this layer (prefix reuse)
         cache: dict[str, SynthesisState] | None = None,
+        noise: NoiseMaps | None = None,  # each row's own noise maps (an encoder's); replaces noise_mode
     ) -> torch.Tensor:  # [B, img_channels, R, R]
         """Render flat or per-layer styles. ``noise_mode="const"`` makes renders of the same
-        styles identical, which explanations need."""
+        styles identical, which explanations need. ``noise`` gives the rows their own noise
+        maps (row j of every map belongs to row j of ``styles``; a map of batch 1 is shared),
+        as a generator trained with ``model.encoder_noise`` draws an image's layout from them."""
         if isinstance(styles, torch.Tensor):
             styles = self.unflatten(styles)
-        return self.generator.synthesize(styles, noise_mode=noise_mode, from_layer=from_layer, cache=cache)
+            device = styles[self.layers[0][0]].device
+        else:
+            device = next(iter(styles.values())).device
+        if noise is not None:
+            noise = {name: m.to(device) for name, m in noise.items()}
+        return self.generator.synthesize(styles, noise_mode=noise_mode, from_layer=from_layer, cache=cache,
+                                         noise=noise)
 
     def cache_rows(
         self,

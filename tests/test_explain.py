@@ -239,6 +239,105 @@ def test_probability_jacobian_matches_autograd(planted):
         torch.testing.assert_close(jac[n], expected, atol=1e-6, rtol=1e-4)
 
 
+def _maps_generator():
+    """A generator whose noise inputs matter (strength 0.5), a classifier of 3 classes, 4 images'
+    styles and their own noise maps."""
+    torch.manual_seed(5)
+    g = Generator(**{**G_KW, "c_dim": 3}).eval().requires_grad_(False)
+    for m in g.modules():
+        if isinstance(m, NoiseInjection):
+            m.strength.data.fill_(0.5)
+    clf = _tiny_classifier()
+    clf(torch.zeros(1, 3, 16, 16))
+    flat = AttFind(g, clf).sample(4, seed=4)
+    gen = torch.Generator().manual_seed(6)
+    maps = {name: torch.randn(4, 1, r, r, generator=gen) for name, r in g.noise_layers}
+    return g, clf, flat, maps
+
+
+def test_each_image_keeps_its_own_noise_maps_in_every_edit_and_gradient():
+    g, clf, flat, maps = _maps_generator()
+    space = StyleSpace(g)
+    stats = space.statistics(flat)
+    targets = shift_targets(flat, stats["min"], stats["max"], 1.0)
+
+    def own(n):
+        return {name: m[n : n + 1] for name, m in maps.items()}
+
+    # Naive: image by image, full renders with that image's maps.
+    naive = torch.empty(4, space.dim, 2, 3)
+    with torch.no_grad():
+        base = torch.cat([clf(space.render(flat[n : n + 1], noise=own(n))).log_softmax(-1) for n in range(4)])
+        for n in range(4):
+            rows = []
+            for i in range(space.dim):
+                for d in range(2):
+                    rows.append(space.edit(flat[n : n + 1], [i], [float(targets[n, i, d])]))
+            naive[n] = clf(space.render(torch.cat(rows), noise=own(n))).log_softmax(-1).view(space.dim, 2, 3)
+        const = clf(space.render(flat)).log_softmax(-1)
+    assert (base - const).abs().max() > 1e-3  # the maps change what the classifier sees
+
+    # Batches mixing the edits of different images, with and without prefix reuse.
+    for cfg in (AttFindConfig(batch_size=7), AttFindConfig(batch_size=64, reuse_prefix=False)):
+        r = AttFind(g, clf, cfg).run(flat, top_k=2, noise=maps, images_per_step=3)
+        torch.testing.assert_close(r.logp_base, base, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r.logp, naive, atol=1e-5, rtol=0)
+        assert r.noise is not None and torch.equal(r.noise["b4.conv1"], maps["b4.conv1"])
+
+    # Pre-screening's gradients use the maps too: each image's Jacobian is its own.
+    _, jac = AttFind(g, clf, AttFindConfig(batch_size=16)).evaluator.probability_jacobian(flat, maps)
+    for n in (0, 3):
+        expected = torch.autograd.functional.jacobian(
+            lambda s: clf(space.render(s[None], noise=own(n))).softmax(-1)[0], flat[n])
+        torch.testing.assert_close(jac[n], expected, atol=1e-6, rtol=1e-4)
+
+    with pytest.raises(ValueError, match="batch 1 or 4"):
+        AttFind(g, clf).run(flat, top_k=2, noise={name: m[:2] for name, m in maps.items()})
+
+
+def test_flip_rates_and_report_renders_use_each_images_noise_maps(tmp_path):
+    g, clf, flat, maps = _maps_generator()
+    space = StyleSpace(g)
+    finder = AttFind(g, clf)
+    r = finder.run(flat, top_k=2, noise=maps)
+    suff = sufficiency(r, finder.evaluator, ks=[1, 2], realism=False)
+    # Independently: each stable image with its top-k image attributes applied, rendered alone.
+    keep = torch.nonzero(r.stable).flatten().tolist()
+    for j, k in enumerate([1, 2]):
+        flips = []
+        with torch.no_grad():
+            for n in keep:
+                tops = r.image_topk(n, k)
+                edited = apply_edits(r.flat[n : n + 1], r.targets[n : n + 1], torch.tensor([[i for i, _, _ in tops]]),
+                                     torch.tensor([[d for _, d, _ in tops]]))
+                one = {name: m[n : n + 1] for name, m in maps.items()}
+                flips.append(int(clf(space.render(edited, noise=one)).argmax()) != int(r.predicted[n]))
+        assert suff.curves["attfind"][j] == pytest.approx(sum(flips) / len(flips))
+    # The report's before/after renders are the images' own.
+    from stylex.explain.report import render_attribute
+
+    a = r.rankings[0][0]
+    idx = torch.tensor([2, 0])
+    before, after, _, _ = render_attribute(r, finder.evaluator, a, idx, 0)
+    with torch.no_grad():
+        expected = space.render(r.flat[idx], noise={name: m[idx] for name, m in maps.items()})
+    torch.testing.assert_close(before, expected, atol=1e-5, rtol=0)
+
+
+def test_noise_rows_keeps_shared_maps_and_noise_cat_joins_batches():
+    from stylex.stylespace import noise_cat, noise_rows
+
+    maps = {"a": torch.arange(3.0).view(3, 1, 1, 1), "shared": torch.full((1, 1, 2, 2), 7.0)}
+    picked = noise_rows(maps, torch.tensor([2, 2, 0]))
+    assert picked["a"].flatten().tolist() == [2.0, 2.0, 0.0] and picked["shared"].shape[0] == 1
+    assert noise_rows(maps, slice(1, 3))["a"].flatten().tolist() == [1.0, 2.0]
+    assert noise_rows(None, torch.tensor([0])) is None
+    joined = noise_cat([{"a": maps["a"][:1]}, {"a": maps["a"][1:]}])
+    assert torch.equal(joined["a"], maps["a"]) and noise_cat([None, None]) is None
+    with pytest.raises(ValueError, match="with and without"):
+        noise_cat([{"a": maps["a"]}, None])
+
+
 def test_greedy_ranking_moves_on_to_images_not_yet_explained():
     # Pair (0, up) helps images 0-1 a lot; (1, up) helps everyone a little; (2, up) helps 2-3.
     eff = torch.zeros(4, 3, 2)
@@ -780,6 +879,46 @@ def random_export(tmp_path_factory):
     save_export(run / "export", g, G_KW, e, E_KW, c, ["healthy", "DR signs"],
                 extra={"config": {"dataset": dataset, "logger": logger}})
     return SimpleNamespace(root=root, run=run, dim=StyleSpace(g).dim)
+
+
+def test_explain_run_renders_every_image_with_the_encoders_noise_maps(tmp_path):
+    from stylex.explain.inputs import validation_images
+
+    torch.manual_seed(0)
+    g = Generator(**G_KW).eval().requires_grad_(False)
+    for m in g.modules():
+        if isinstance(m, NoiseInjection):
+            m.strength.data.fill_(0.5)
+    e_kw = {**E_KW, "noise_maps": True, "noise_layers": [list(x) for x in g.noise_layers]}
+    e = Encoder(**e_kw).eval()
+    c = Classifier("resnet10t", 2).freeze()
+    run = tmp_path / "runs" / "synthetic" / "2024-01-01_00-00-00"
+    dataset = {"_target_": "stylex.data.SyntheticDataModule", "name": "synthetic", "resolution": 16,
+               "batch_size": 8, "num_train": 16, "num_val": 24, "num_test": 8}
+    save_export(run / "export", g, G_KW, e, e_kw, c, ["healthy", "DR signs"], extra={"config": {"dataset": dataset}})
+    common = dict(run=run, top_k=2, num_images=6, prescreen="none", flip_k=0, wandb=False, device="cpu")
+
+    _, result = explain_run(ExplainRequest(**common, out=tmp_path / "val"))
+    images, _ = validation_images({"dataset": dataset}, 6, 16)
+    space = StyleSpace(g)
+    with torch.no_grad():
+        maps = e.noise_maps(images)
+        flat = space.flat_styles(e(images), c(images).softmax(-1))
+        expected = c(space.render(flat, noise=maps)).log_softmax(-1)
+        unmapped = c(space.render(flat)).log_softmax(-1)
+    assert (expected - unmapped).abs().max() > 1e-4
+    torch.testing.assert_close(result.logp_base, expected, atol=1e-4, rtol=0)
+
+    # Refinement reconstructs with the maps too: its "before" is the mapped reconstruction's L1.
+    report, _ = explain_run(ExplainRequest(**common, out=tmp_path / "refined", refine_steps=2))
+    with torch.no_grad():
+        l1 = float((space.render(flat, noise=maps) - images).abs().mean())
+    assert report.data["refinement"]["recon_l1_before"] == pytest.approx(l1, abs=1e-4)
+
+    # Generated samples take the layouts of real images, as on the training's noise path.
+    _, gen = explain_run(ExplainRequest(**common, out=tmp_path / "gen", source="generated"))
+    assert gen.noise is not None
+    torch.testing.assert_close(gen.noise["b16.conv1"], maps["b16.conv1"], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ from stylex.explain.evaluator import EffectEvaluator
 from stylex.explain.measures import shift_targets, to_measure
 from stylex.explain.predict import AttFindPredictor, ImageSet, merge_effects, merge_screen, run_predict
 from stylex.explain.result import AttFindResult, greedy_class_ranking, searched_coordinates
+from stylex.stylespace import noise_cat
 
 __all__ = ["AttFind", "AttFindConfig"]
 
@@ -63,7 +64,8 @@ class AttFind:
 
         finder = AttFind(export.generator, export.classifier, AttFindConfig(prescreen=32))
         flat = finder.encode(export.encoder, images)          # [N, S]
-        result = finder.run(flat, top_k=4)
+        maps = finder.noise_maps(export.encoder, images)      # None unless E gives noise maps
+        result = finder.run(flat, top_k=4, noise=maps)
         result.rankings[1][0].to_dict()
     """
 
@@ -109,6 +111,24 @@ class AttFind:
         return torch.cat(out) if out else torch.zeros(0, self.space.dim)
 
     @torch.no_grad()
+    def noise_maps(
+        self,
+        encoder: nn.Module,  # stylex Encoder
+        images: torch.Tensor,  # [N, 3, R, R] in [-1, 1]
+    ) -> dict[str, torch.Tensor] | None:  # noise layer -> [N, 1, r, r] on the CPU; None = E has none
+        """The encoder's noise maps of real images, when it was trained to give them
+        (``model.encoder_noise``): the generator then draws each image's layout from its own
+        maps, and every render of an image (edited or not) must use them."""
+        if getattr(encoder, "noise_encoder", None) is None:  # an encoder of the latent alone
+            return None
+        parts = []
+        step = self.evaluator.batch_size
+        for i in range(0, images.shape[0], step):
+            maps = encoder.noise_maps(images[i : i + step].to(self.device, torch.float32))
+            parts.append({name: m.cpu() for name, m in maps.items()})
+        return noise_cat(parts)
+
+    @torch.no_grad()
     def styles_of(
         self,
         w: torch.Tensor,  # [N, w_dim] or [N, num_ws, w_dim] latents, e.g. refined ones (stylex.explain.refine)
@@ -147,6 +167,7 @@ class AttFind:
         images_per_step: int | None = None,  # images per predict step; None = enough for a few full batches
         progress: Callable[[str], None] | None = None,
         show_progress: bool | None = None,  # progress bars: None = when stderr is a terminal
+        noise: dict[str, torch.Tensor] | None = None,  # the images' own noise maps (noise_maps); None = noise_mode
     ) -> AttFindResult:
         """Rank the style coordinates of ``flat`` (from :meth:`encode` or :meth:`sample`) by their
         effect on the classifier: ``result.rankings[c]`` holds class c's top ``top_k``
@@ -157,6 +178,11 @@ class AttFind:
             raise ValueError(f"styles must be [N, {space.dim}], got {tuple(flat.shape)}")
         if flat.shape[0] == 0:
             raise ValueError("AttFind needs at least one image")
+        if noise is not None:
+            noise = {name: m.detach().float().cpu() for name, m in noise.items()}
+            bad = {name: tuple(m.shape) for name, m in noise.items() if m.shape[0] not in (1, flat.shape[0])}
+            if bad:
+                raise ValueError(f"noise maps must have batch 1 or {flat.shape[0]} (one per image), got {bad}")
         if not 1 <= int(top_k) <= space.dim:
             raise ValueError(f"top_k must lie in [1, {space.dim}] (the number of style coordinates), got {top_k}")
         t0 = time.perf_counter()
@@ -182,7 +208,7 @@ class AttFind:
             t = time.perf_counter()
             predictor.phase = "screen"
             step = images_per_step or max(1, self.evaluator.batch_size // 8)
-            outs = run_predict(predictor, ImageSet(flat, None), step, trainer_kwargs,
+            outs = run_predict(predictor, ImageSet(flat, None, noise), step, trainer_kwargs,
                                desc="AttFind: pre-screening", progress=show_progress)
             logp0, jac = merge_screen(outs, n)
             timings["prescreen"] = time.perf_counter() - t
@@ -196,11 +222,12 @@ class AttFind:
         predictor.phase = "effects"
         edits = sum(len(p) for p in pair_lists) / n
         step = images_per_step or max(1, min(n, math.ceil(4 * self.evaluator.batch_size / max(1.0, edits))))
-        outs = run_predict(predictor, ImageSet(flat, pair_lists), step, trainer_kwargs,
+        outs = run_predict(predictor, ImageSet(flat, pair_lists, noise), step, trainer_kwargs,
                            desc="AttFind: rendering edits", progress=show_progress)
         logp_base, logp = merge_effects(outs, n, s)
         timings["effects"] = time.perf_counter() - t
         result = self.rank(flat, targets, logp_base, logp, top_k, classes, estimate)
+        result.noise = noise
         result.mode = mode
         result.seconds = time.perf_counter() - t0
         result.timings = timings

@@ -144,11 +144,13 @@ class ExplainCallback(pl.Callback):
             with torch.autocast(device_type=pl_module.device.type, enabled=False):
                 finder = AttFind(pl_module.G_ema, pl_module.classifier, self.config)
                 flat = finder.encode(encoder, images)
+                noise = finder.noise_maps(encoder, images)  # None unless the encoder gives noise maps
                 sections = {}
                 if self.refine_steps > 0:
                     flat, sections["refinement"] = refine_and_compare(
                         finder, encoder, images, flat, self.refine_steps, lr=0.05, kl_weight=0.1,
-                        top_k=min(self.top_k, finder.space.dim), classes=None, reference=None, say=log.info)
+                        top_k=min(self.top_k, finder.space.dim), classes=None, reference=None, say=log.info,
+                        noise=noise)
                 names = [str(n) for n in getattr(pl_module, "class_names", None) or []]
                 names = names or [str(c) for c in range(int(pl_module.num_classes))]
                 settings = {"source": "validation split", "num_images": len(idx), "top_k": self.top_k,
@@ -164,7 +166,7 @@ class ExplainCallback(pl.Callback):
                     finder, flat, out_dir, names, top_k=min(self.top_k, finder.space.dim), flip_k=self.flip_k,
                     examples=self.examples, image_info=info, inputs=images, settings=settings,
                     title=f"StylEx explanation after {settings['g_steps']} steps", sections=sections,
-                    feature_classifier=getattr(pl_module, "own_feature_classifier", None),
+                    feature_classifier=getattr(pl_module, "own_feature_classifier", None), noise=noise,
                 )
         finally:
             encoder.train(was_training)

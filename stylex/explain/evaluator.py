@@ -12,7 +12,9 @@
   respect to every style coordinate (the first-order estimate behind pre-screening).
 
 It never changes the networks' weights or modes; renders use ``noise_mode="const"`` by default
-so that renders of equal styles are identical.
+so that renders of equal styles are identical. Every method takes ``noise``: the images' own
+noise maps (``[B or 1, 1, r, r]`` per noise layer, as an encoder trained with
+``model.encoder_noise`` gives them), which then follow their image into every edit of it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from stylex.stylespace import StyleSpace
+from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
 
 
 class EffectEvaluator(nn.Module):
@@ -69,15 +71,24 @@ class EffectEvaluator(nn.Module):
     ) -> torch.Tensor:  # [B, K] float32 log-probabilities
         return self.classifier(images).float().log_softmax(dim=-1)
 
+    def render(
+        self,
+        flat: torch.Tensor,  # [B, S] styles
+        noise: NoiseMaps | None = None,  # the images' noise maps; None = noise_mode
+        **kwargs,  # from_layer, cache (StyleSpace.render)
+    ) -> torch.Tensor:  # [B, 3, R, R]
+        """One render of ``flat`` with this evaluator's noise (the maps when given)."""
+        return self.space.render(flat, noise_mode=self.noise_mode, noise=noise, **kwargs)
+
     def log_probs(
         self,
         flat: torch.Tensor,  # [B, S] styles
+        noise: NoiseMaps | None = None,  # [B or 1, 1, r, r] per noise layer; None = noise_mode
     ) -> torch.Tensor:  # [B, K]
         """Log-probabilities of full renders, ``batch_size`` at a time."""
-        outs = [
-            self.classify(self.space.render(flat[i : i + self.batch_size], noise_mode=self.noise_mode))
-            for i in range(0, flat.shape[0], self.batch_size)
-        ]
+        b = self.batch_size
+        outs = [self.classify(self.render(flat[i : i + b], noise_rows(noise, slice(i, i + b))))
+                for i in range(0, flat.shape[0], b)]
         return torch.cat(outs) if outs else flat.new_zeros(0, 0)
 
     def _chunks(
@@ -117,6 +128,7 @@ class EffectEvaluator(nn.Module):
         image: torch.Tensor,  # [M] int64: which image each edit belongs to
         coords: torch.Tensor,  # [M] int64: the coordinate it changes (any order, repeats allowed)
         values: torch.Tensor,  # [M]: the coordinate's new value
+        noise: NoiseMaps | None = None,  # the B images' noise maps; None = noise_mode
     ) -> tuple[torch.Tensor, torch.Tensor]:  # log p of the unedited renders [B, K], of each edit [M, K]
         """Classify B images under M single-coordinate edits.
 
@@ -134,27 +146,29 @@ class EffectEvaluator(nn.Module):
             f"{tuple(values.shape)}"
         )
         cache: dict | None = {} if self.reuse_prefix else None
-        base = self.log_probs(flat) if cache is None else self.classify(
-            self.space.render(flat, noise_mode=self.noise_mode, cache=cache))
+        base = self.log_probs(flat, noise) if cache is None else self.classify(
+            self.render(flat, noise, cache=cache))
         order = torch.argsort(coords, stable=True)
         sorted_coords, sorted_values, sorted_image = coords[order], values[order], image[order]
         out = torch.empty(m, base.shape[1], device=base.device)
         for a, b in self._chunks(sorted_coords):
             rows = sorted_image[a:b]
             edited = flat[rows].scatter(1, sorted_coords[a:b, None], sorted_values[a:b, None].to(flat.dtype))
+            maps = noise_rows(noise, rows)  # each edit keeps its image's noise maps
             if cache is None:
-                img = self.space.render(edited, noise_mode=self.noise_mode)
+                img = self.render(edited, maps)
             else:
                 start = self.space.layer_of(int(sorted_coords[a]))
                 # The state entering `start` of the image each row edits (the prefix is unedited).
                 state = self.space.cache_rows(cache, start, rows)
-                img = self.space.render(edited, noise_mode=self.noise_mode, from_layer=start, cache=state)
+                img = self.render(edited, maps, from_layer=start, cache=state)
             out[order[a:b]] = self.classify(img)
         return base, out
 
     def probability_jacobian(
         self,
         flat: torch.Tensor,  # [B, S]
+        noise: NoiseMaps | None = None,  # the B images' noise maps; None = noise_mode
     ) -> tuple[torch.Tensor, torch.Tensor]:  # log p [B, K]; d p_k / d s_i [B, K, S]
         """Gradient of every class probability with respect to every style coordinate.
 
@@ -168,11 +182,13 @@ class EffectEvaluator(nn.Module):
             step = max(1, self.batch_size // 8)
             for i in range(0, b, step):
                 x = flat[i : i + step].detach()
+                rows = torch.arange(i, i + x.shape[0], device=x.device)
                 if k is None:
                     with torch.no_grad():
-                        k = self.classify(self.space.render(x[:1], noise_mode=self.noise_mode)).shape[1]
+                        k = self.classify(self.render(x[:1], noise_rows(noise, rows[:1]))).shape[1]
                 rep = x.repeat_interleave(k, dim=0).requires_grad_(True)  # [bk * K, S]
-                logp = self.classify(self.space.render(rep, noise_mode=self.noise_mode))  # [bk * K, K]
+                maps = noise_rows(noise, rows.repeat_interleave(k))
+                logp = self.classify(self.render(rep, maps))  # [bk * K, K]
                 probs = logp.exp().view(-1, k, k)
                 diag = torch.diagonal(probs, dim1=1, dim2=2)  # [bk, K]: row k of copy k
                 (grad,) = torch.autograd.grad(diag.sum(), rep)

@@ -26,6 +26,7 @@ import torch
 from stylex.explain.evaluator import EffectEvaluator
 from stylex.explain.measures import apply_edits
 from stylex.explain.result import AttFindResult
+from stylex.stylespace import NoiseMaps, noise_rows
 # The probe lives with the metrics (the generator's causal-factor fidelity reads images with it
 # too); its names stay importable from here.
 from stylex.metrics.probe import PROBE_FACTORS, FactorProbe, train_factor_probe  # noqa: F401
@@ -131,13 +132,14 @@ def ground_truth(
     for c, attributes in result.rankings.items():
         pool = result.pools[c][:max_images]
         flat, targets = result.flat[pool], result.targets[pool]
-        originals = evaluator.space.render(flat.to(device), noise_mode=evaluator.noise_mode).cpu()
+        maps = noise_rows(result.noise, pool)  # each image keeps its own noise maps in every render
+        originals = evaluator.render(flat.to(device), maps).cpu()
         factors, changes = [], []
         for a in attributes:
             coords = torch.full((pool.numel(), 1), a.coordinate, dtype=torch.long)
             dirs = torch.full_like(coords, a.direction)
             edited = apply_edits(flat, targets, coords, dirs)
-            modified = evaluator.space.render(edited.to(device), noise_mode=evaluator.noise_mode).cpu()
+            modified = evaluator.render(edited.to(device), maps).cpu()
             ch = factor_changes(probe, originals.to(next(probe.parameters()).device),
                                 modified.to(next(probe.parameters()).device))
             changes.append(ch)
@@ -160,6 +162,7 @@ def class_shift_concentration(
     num: int = 64,  # samples the change is averaged over
     seed: int = 0,
     noise_mode: str = "const",
+    noise: NoiseMaps | None = None,  # [num or 1, 1, r, r] layouts (an encoder's maps of real images)
 ) -> dict[str, Any]:
     """How many StyleSpace coordinates carry the class's effect on each factor.
 
@@ -187,7 +190,7 @@ def class_shift_concentration(
     base = space.flat_styles(w, eye[0].expand(num, -1))
 
     def read(flat: torch.Tensor) -> torch.Tensor:
-        img = space.render(flat, noise_mode=noise_mode).clamp(-1, 1)
+        img = space.render(flat, noise_mode=noise_mode, noise=noise).clamp(-1, 1)
         return probe.read(img.to(probe_device)).cpu() / probe.std.cpu()
 
     before = read(base)
@@ -226,6 +229,7 @@ def coordinate_factor_effects(
     coords: torch.Tensor | None = None,  # [M] coordinates to measure; None = all
     batch_size: int | None = None,
     noise_mode: str = "const",
+    noise: NoiseMaps | None = None,  # the N images' own noise maps; replaces noise_mode
 ) -> torch.Tensor:  # [M, 2, F] signed mean change of each factor, in standard deviations
     """The mean change of every factor the probe reads when each coordinate alone moves to its
     target, in each direction, over the images (the quantity :func:`factor_changes` takes the
@@ -242,7 +246,7 @@ def coordinate_factor_effects(
     dd = torch.tensor([0, 1]).repeat(n * m)
     values = targets[image, cc, dd]
     base, edited = reader.edit_log_probs(flat.to(reader.device), image.to(reader.device), cc.to(reader.device),
-                                         values.to(reader.device))
+                                         values.to(reader.device), noise)
     delta = edited.cpu().view(n, m, 2, -1) - base.cpu()[:, None, None, :]
     return delta.mean(0)
 

@@ -41,6 +41,7 @@ from stylex.explain.evaluator import EffectEvaluator
 from stylex.explain.measures import apply_edits, farther_direction
 from stylex.explain.result import AttFindResult
 from stylex.metrics.realism import ClassifierFeatures, kid_against
+from stylex.stylespace import NoiseMaps, noise_rows
 
 BASELINES = ("random", "variance")
 MIN_KID_IMAGES = 8  # images per side below which a KID is not worth reporting
@@ -107,19 +108,21 @@ def flip_rates(
     dirs: torch.Tensor,  # [N, kmax]
     ks: Sequence[int],  # e.g. 1..10
     base_pred: torch.Tensor | None = None,  # [N] predicted class of the unedited renders
+    noise: NoiseMaps | None = None,  # the images' own noise maps; None = the evaluator's noise_mode
 ) -> list[float]:  # flip rate for each k
     """Share of images whose predicted class changes when their first k attributes change
     together, for each k."""
     n = flat.shape[0]
     device = evaluator.device
     if base_pred is None:
-        base_pred = evaluator.log_probs(flat.to(device)).argmax(dim=1).cpu()
+        base_pred = evaluator.log_probs(flat.to(device), noise).argmax(dim=1).cpu()
     rows = []
     for k in ks:
         c = coords[:, :k].clone()
         rows.append(apply_edits(flat, targets, c, dirs[:, :k]))
     edited = torch.cat(rows)  # [len(ks) * N, S]
-    pred = evaluator.log_probs(edited.to(device)).argmax(dim=1).cpu().view(len(ks), n)
+    maps = noise_rows(noise, torch.arange(n).repeat(len(ks)))  # every edit keeps its image's maps
+    pred = evaluator.log_probs(edited.to(device), maps).argmax(dim=1).cpu().view(len(ks), n)
     return [float((pred[j] != base_pred).double().mean()) for j in range(len(ks))]
 
 
@@ -145,11 +148,15 @@ class Sufficiency:
 
 
 @torch.no_grad()
-def _render(evaluator: EffectEvaluator, flat: torch.Tensor) -> torch.Tensor:  # [N, 3, R, R] on the CPU
+def _render(
+    evaluator: EffectEvaluator,
+    flat: torch.Tensor,  # [N, S]
+    noise: NoiseMaps | None = None,  # the images' own noise maps
+) -> torch.Tensor:  # [N, 3, R, R] on the CPU
     """Renders as the classifier sees them in the flip rate (not clamped: out-of-range pixels
     are part of what an edit does)."""
     b = evaluator.batch_size
-    out = [evaluator.space.render(flat[i : i + b].to(evaluator.device), noise_mode=evaluator.noise_mode).float().cpu()
+    out = [evaluator.render(flat[i : i + b].to(evaluator.device), noise_rows(noise, slice(i, i + b))).float().cpu()
            for i in range(0, flat.shape[0], b)]
     return torch.cat(out)
 
@@ -165,6 +172,7 @@ def manifold_figures(
     real_images: torch.Tensor | None = None,  # [M, 3, R, R] KID's real set (None: `inputs`)
     seed: int = 0,
     feature_classifier: torch.nn.Module | None = None,  # KID's features (None: the explained classifier's)
+    noise: NoiseMaps | None = None,  # the images' own noise maps; None = the evaluator's noise_mode
 ) -> tuple[dict[str, Any] | None, float | None, list[str]]:  # realism, agreement, notes
     """KID of the unedited and the edited renders against real images, and the agreement of the
     unedited renders with their real inputs (see the module docstring)."""
@@ -192,7 +200,7 @@ def manifold_figures(
     else:
         features = ClassifierFeatures(feature_classifier.to(evaluator.device), resolution, "feature-net")
     kid = kid_against(features, real.to(evaluator.device),
-                      {"unedited": _render(evaluator, flat), "edited": _render(evaluator, edited)}, seed=seed)
+                      {"unedited": _render(evaluator, flat, noise), "edited": _render(evaluator, edited, noise)}, seed=seed)
     realism = {"feature": features.name, "k": int(k), "num_real": int(real.shape[0]), "num_images": int(flat.shape[0]),
                "kid_unedited": kid["unedited"]["kid"], "kid_unedited_std": kid["unedited"]["kid_std"],
                "kid_edited": kid["edited"]["kid"], "kid_edited_std": kid["edited"]["kid_std"],
@@ -221,6 +229,7 @@ def sufficiency(
     ks = [k for k in ks if k <= kmax]
     keep = torch.nonzero(result.stable if stable_only else torch.ones_like(result.stable)).flatten()
     flat, targets = result.flat[keep], result.targets[keep]
+    noise = noise_rows(result.noise, keep)
     base_pred = result.predicted[keep]
     std = result.flat.std(dim=0, correction=0)
     a_coords, a_dirs = attfind_rankings(result, kmax)
@@ -229,14 +238,15 @@ def sufficiency(
         "random": random_rankings(flat, targets, kmax, seed, result.searched),
         "variance": variance_rankings(flat, targets, kmax, std, result.searched),
     }
-    curves = {name: flip_rates(evaluator, flat, targets, c, d, ks, base_pred) for name, (c, d) in rankings.items()}
+    curves = {name: flip_rates(evaluator, flat, targets, c, d, ks, base_pred, noise)
+              for name, (c, d) in rankings.items()}
     out = Sufficiency(ks=ks, curves=curves, num_images=int(keep.numel()))
     if realism:
         c, d = rankings["attfind"]
         edited = apply_edits(flat, targets, c[:, :kmax].clone(), d[:, :kmax])
         out.realism, out.agreement, out.notes = manifold_figures(
             evaluator, flat, edited, base_pred, kmax, inputs=inputs[keep] if inputs is not None else None,
-            real_images=real_images, seed=seed, feature_classifier=feature_classifier)
+            real_images=real_images, seed=seed, feature_classifier=feature_classifier, noise=noise)
     out.seconds = time.perf_counter() - t0
     return out
 

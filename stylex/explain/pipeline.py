@@ -37,6 +37,7 @@ from stylex.explain.request import ExplainRequest, positive
 from stylex.explain.report import Report, run_figures, write_report
 from stylex.explain.result import AttFindResult
 from stylex.metrics.probe import cached_factor_probe
+from stylex.stylespace import noise_rows
 
 IMAGE_PANELS = 4  # images of a data set sample that get a panel of their own (every given image does)
 AUTO_PRESCREEN = 32  # candidate edits per class when "auto" finds the exhaustive search too slow
@@ -66,12 +67,14 @@ def explain_and_report(
     title: str = "StylEx explanation",
     sections: dict[str, Any] | None = None,  # more sections of explanation.json (e.g. "refinement")
     feature_classifier: torch.nn.Module | None = None,  # the KID's features (None: the explained classifier's)
+    noise: dict[str, torch.Tensor] | None = None,  # the images' own noise maps (AttFind.noise_maps)
 ) -> tuple[Report, AttFindResult]:
     """AttFind on ``flat``, the flip-rate curves (with KID and agreement beside them), optionally
-    the ground truth, and the report."""
+    the ground truth, and the report. Every render of an image, edited or not, uses its noise
+    maps when ``noise`` gives them."""
     say = progress or (lambda msg: None)
     result = finder.run(flat, top_k=top_k, classes=classes, reference=reference,
-                        trainer_kwargs=trainer_kwargs, progress=say)
+                        trainer_kwargs=trainer_kwargs, progress=say, noise=noise)
     say(f"AttFind: {result.seconds:.1f} s for {result.num_images} images ({result.mode})")
     suff = None
     if flip_k > 0:
@@ -154,6 +157,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         inputs = load_image_files(req.images, resolution)
         info = [{"source": str(p)} for p in req.images]
         flat = finder.encode(exp.encoder, inputs)
+        noise = finder.noise_maps(exp.encoder, inputs)
         panels = range(len(req.images))
         # The min/max targets need a spread of images: the given ones alone may be too few.
         if source == "val":
@@ -165,16 +169,28 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
     elif source == "val":
         inputs, info = validation_images(config, req.num_images, resolution)
         flat = finder.encode(exp.encoder, inputs)
+        noise = finder.noise_maps(exp.encoder, inputs)
         panels = range(min(IMAGE_PANELS, flat.shape[0]))
     else:
         flat = finder.sample(req.num_images, seed=req.seed)
         info = [{"source": f"generated:{i}"} for i in range(flat.shape[0])]
         panels = range(min(IMAGE_PANELS, flat.shape[0]))
-        if req.flip_k > 0 and "_target_" in (config.get("dataset") or {}):
+        needs_layouts = getattr(exp.encoder, "noise_encoder", None) is not None
+        if (req.flip_k > 0 or needs_layouts) and "_target_" in (config.get("dataset") or {}):
             try:  # real images for KID beside the flip rate; without them the report says so
                 real_images, _ = validation_images(config, req.num_images, resolution)
             except UsageError as e:
-                say(f"note: no real images for the KID figures ({e})")
+                say(f"note: no real images for the KID figures or the layouts ({e})")
+        noise = None
+        if needs_layouts:
+            # The generator draws its layouts from noise maps of real images (as in training):
+            # sample i takes those of real image i (cycling).
+            if real_images is None:
+                say("note: this generator takes its layouts from the encoder's noise maps of real images, and "
+                    "there are none: the samples are rendered with constant noise, without layouts")
+            else:
+                layouts = finder.noise_maps(exp.encoder, real_images)
+                noise = noise_rows(layouts, torch.arange(flat.shape[0]) % real_images.shape[0])
 
     finder.config = replace(finder.config, prescreen=choose_prescreen(req, finder, flat.shape[0], say))
     sections: dict[str, Any] = {}
@@ -184,7 +200,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         else:
             flat, sections["refinement"] = refine_and_compare(
                 finder, exp.encoder, inputs, flat, req.refine_steps, req.refine_lr, req.refine_kl, req.top_k,
-                classes, reference, say)
+                classes, reference, say, noise=noise)
 
     probe = None
     if req.ground_truth:
@@ -210,7 +226,7 @@ def _explain_run(request: ExplainRequest, say: Say) -> tuple[Report, AttFindResu
         flip_k=req.flip_k, examples=req.examples, image_info=info, inputs=inputs, real_images=real_images,
         image_panels=panels, settings=settings, trainer_kwargs=trainer_kwargs, ground_truth_probe=probe,
         progress=say, title=f"StylEx explanation of {(run_dir or export_dir).name}", sections=sections,
-        feature_classifier=realism_network(config, say, exp) if req.flip_k > 0 else None,
+        feature_classifier=realism_network(config, say, exp) if req.flip_k > 0 else None, noise=noise,
     )
     if run_dir is not None and req.wandb:
         lcfg = wandb_settings(config)
@@ -232,6 +248,7 @@ def refine_and_compare(
     classes: Sequence[int] | None,
     reference: torch.Tensor | None,
     say: Say,
+    noise: dict[str, torch.Tensor] | None = None,  # the images' own noise maps (held fixed)
 ) -> tuple[torch.Tensor, dict[str, Any]]:  # refined styles [N, S], the report's "refinement" section
     """Refine every image's latent (:mod:`stylex.explain.refine`) and say what it changed: the
     reconstruction error and class agreement before and after, and how far the class rankings
@@ -248,8 +265,8 @@ def refine_and_compare(
     config = finder.config
     finder.config = replace(config, prescreen=config.prescreen or AUTO_PRESCREEN)
     try:
-        on_encoder = finder.run(flat, top_k=top_k, classes=classes, reference=reference)
-        on_refined = finder.run(refined, top_k=top_k, classes=classes, reference=reference)
+        on_encoder = finder.run(flat, top_k=top_k, classes=classes, reference=reference, noise=noise)
+        on_refined = finder.run(refined, top_k=top_k, classes=classes, reference=reference, noise=noise)
     finally:
         finder.config = config
     section["rankings_vs_encoder"] = agreement(on_refined, on_encoder)

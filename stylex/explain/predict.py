@@ -28,24 +28,30 @@ from tqdm.auto import tqdm
 
 from stylex.explain.evaluator import EffectEvaluator
 from stylex.explain.measures import shift_targets
+from stylex.stylespace import NoiseMaps
 
 
 class ImageSet(Dataset):
-    """Image ``n``: its styles and the ids of the (coordinate, direction) pairs to render."""
+    """Image ``n``: its styles, its noise maps if it has its own, and the ids of the
+    (coordinate, direction) pairs to render."""
 
     def __init__(
         self,
         flat: torch.Tensor,  # [N, S] styles
         pairs: Sequence[torch.Tensor] | None,  # per image: pair ids to render; None = screening
+        noise: NoiseMaps | None = None,  # [N or 1, 1, r, r] per noise layer; None = the evaluator's noise_mode
     ) -> None:
         self.flat = flat
         self.pairs = pairs
+        self.noise = noise
 
     def __len__(self) -> int:
         return self.flat.shape[0]
 
     def __getitem__(self, n: int) -> dict[str, Any]:
         item = {"index": n, "flat": self.flat[n]}
+        if self.noise is not None:
+            item["noise"] = {name: m[0 if m.shape[0] == 1 else n] for name, m in self.noise.items()}
         if self.pairs is not None:
             item["pairs"] = self.pairs[n]
         return item
@@ -53,6 +59,8 @@ class ImageSet(Dataset):
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     out = {"index": torch.tensor([it["index"] for it in items]), "flat": torch.stack([it["flat"] for it in items])}
+    if "noise" in items[0]:
+        out["noise"] = {name: torch.stack([it["noise"][name] for it in items]) for name in items[0]["noise"]}
     if "pairs" in items[0]:
         out["pairs"] = [it["pairs"] for it in items]  # ragged: one id list per image
     return out
@@ -82,8 +90,9 @@ class AttFindPredictor(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Any]:
         flat = batch["flat"].to(self.low.device)
+        noise = batch.get("noise")
         if self.phase == "screen":
-            logp, jac = self.evaluator.probability_jacobian(flat)
+            logp, jac = self.evaluator.probability_jacobian(flat, noise)
             return {"index": batch["index"].cpu(), "logp_base": logp.cpu(), "jacobian": jac.cpu()}
         targets = shift_targets(flat, self.low, self.high, self.shift_size)  # [B, S, 2]
         pairs = [p.to(flat.device) for p in batch["pairs"]]
@@ -91,7 +100,7 @@ class AttFindPredictor(pl.LightningModule):
         ids = torch.cat(pairs)
         coords, dirs = ids // 2, ids % 2
         with torch.no_grad():
-            base, logp = self.evaluator.edit_log_probs(flat, image, coords, targets[image, coords, dirs])
+            base, logp = self.evaluator.edit_log_probs(flat, image, coords, targets[image, coords, dirs], noise)
         sizes = [p.numel() for p in pairs]
         return {"index": batch["index"].cpu(), "logp_base": base.cpu(), "logp": list(logp.cpu().split(sizes)),
                 "pairs": [p.cpu() for p in pairs]}

@@ -4,7 +4,8 @@ The encoder is a fast, amortised inverse of the generator and misses detail (in 
 CPU run it reconstructed with L1 0.099 where optimising ``w`` per image reached 0.045). AttFind
 then explains the encoder's reconstruction. Refinement starts from ``w = E(x)`` and takes a few
 Adam steps on ``w`` per image, through the frozen generator, with the conditioning held at the
-classifier's probabilities of the input::
+classifier's probabilities of the input (and, for an encoder trained with
+``model.encoder_noise``, the noise inputs held at the encoder's maps of the input)::
 
     loss(w) = L1(G(w ⊕ c), x) + kl_weight · KL(c ‖ C(G(w ⊕ c))),     c = softmax(C(x))
 
@@ -86,12 +87,14 @@ def refine_latents(
             with torch.no_grad():
                 c = classifier(x).float().softmax(dim=1)
                 w0 = encoder(x).float()
-                before.append(_figures(generator, classifier, w0, c, x))
+                # An encoder with noise maps gives the image's layout; refinement moves w only.
+                maps = encoder.noise_maps(x) if getattr(encoder, "noise_encoder", None) is not None else None
+                before.append(_figures(generator, classifier, w0, c, x, maps))
             w = w0.clone().requires_grad_(True)
             opt = torch.optim.Adam([w], lr=lr)
             with torch.enable_grad():
                 for _ in range(int(steps)):
-                    render = generator.generate(w, c, noise_mode="const")
+                    render = generator.generate(w, c, noise_mode="const", noise=maps)
                     per_image = (render.float() - x).abs().mean(dim=(1, 2, 3))  # [B]
                     if kl_weight > 0:
                         per_image = per_image + kl_weight * _kl(c, classifier(render))
@@ -100,7 +103,7 @@ def refine_latents(
                     opt.step()
                     bar.update(1)
             w = w.detach()
-            after.append(_figures(generator, classifier, w, c, x))
+            after.append(_figures(generator, classifier, w, c, x, maps))
             ws.append(w.cpu())
             cs.append(c.cpu())
     finally:
@@ -112,9 +115,9 @@ def refine_latents(
 
 
 @torch.no_grad()
-def _figures(generator, classifier, w, c, x) -> tuple[int, float, float]:
+def _figures(generator, classifier, w, c, x, maps=None) -> tuple[int, float, float]:
     """(images, summed L1, summed agreement) of one batch."""
-    render = generator.generate(w, c, noise_mode="const").float()
+    render = generator.generate(w, c, noise_mode="const", noise=maps).float()
     l1 = (render - x).abs().mean(dim=(1, 2, 3))
     agree = (classifier(render).argmax(dim=1) == c.argmax(dim=1)).float()
     return x.shape[0], float(l1.sum()), float(agree.sum())

@@ -48,6 +48,7 @@ from stylex.explain.measures import apply_edits
 from stylex.explain.metrics import Sufficiency
 from stylex.explain.result import DIRECTIONS, AttFindResult, Attribute
 from stylex.utils.io import atomic_write_json, atomic_write_text
+from stylex.stylespace import noise_rows
 
 FORMAT = "stylex-explanation"
 VERSION = 1
@@ -89,7 +90,8 @@ def render_attribute(
     coords = torch.full((images.numel(), 1), attribute.coordinate, dtype=torch.long)
     edited = apply_edits(flat, result.targets[images], coords, torch.full_like(coords, attribute.direction))
     both = torch.cat([flat, edited]).to(device)
-    renders = evaluator.space.render(both, noise_mode=evaluator.noise_mode)
+    maps = noise_rows(result.noise, torch.cat([images, images]))  # the edit keeps each image's maps
+    renders = evaluator.render(both, maps)
     probs = evaluator.classify(renders).exp()[:, target].cpu().tolist()
     e = images.numel()
     return renders[:e].cpu(), renders[e:].cpu(), probs[:e], probs[e:]
@@ -258,7 +260,8 @@ def _image_panel(
     flat = result.flat[n : n + 1]
     rows = [flat] + [apply_edits(flat, result.targets[n : n + 1], torch.tensor([[i]]), torch.tensor([[d]]))
                      for i, d, _ in tops]
-    renders = evaluator.space.render(torch.cat(rows).to(evaluator.device), noise_mode=evaluator.noise_mode)
+    maps = noise_rows(result.noise, torch.full((len(rows),), n))
+    renders = evaluator.render(torch.cat(rows).to(evaluator.device), maps)
     probs = evaluator.classify(renders).exp()[:, pred].cpu()
     tiles, changes = [], []
     if inputs is not None:

@@ -154,6 +154,7 @@ class AttFindResult:
     timings: dict[str, float] = field(default_factory=dict)
     estimate: torch.Tensor | None = None  # [N, S, 2, K] first-order probability changes (prescreen)
     warnings: list[str] = field(default_factory=list)
+    noise: dict[str, torch.Tensor] | None = None  # the images' own noise maps [N or 1, 1, r, r]; None = noise_mode
     _effects: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
