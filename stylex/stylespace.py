@@ -245,10 +245,8 @@ class StyleSpace:
             device = styles[self.layers[0][0]].device
         else:
             device = next(iter(styles.values())).device
-        if noise is not None:
-            noise = {name: m.to(device) for name, m in noise.items()}
-        return self.generator.synthesize(styles, noise_mode=noise_mode, from_layer=from_layer, cache=cache,
-                                         noise=noise)
+        maps = {} if noise is None else {"noise": {name: m.to(device) for name, m in noise.items()}}
+        return self.generator.synthesize(styles, noise_mode=noise_mode, from_layer=from_layer, cache=cache, **maps)
 
     def cache_rows(
         self,

@@ -13,6 +13,9 @@ Styles are the conditioned latent's first coordinates (``s_k = wc[:, k]``), so t
 presence is known per latent: ``w[:, 0] > 0``. ``SquareSegmenter`` marks red pixels (the square)
 against the rest; ``SquareClassifier`` says "square" with a probability rising with the share of
 red pixels.
+
+``maps_generator`` and ``random_maps``: a small real generator whose noise inputs matter, and
+per-image noise maps for it (the renders of an ``model.encoder_noise`` run).
 """
 
 from __future__ import annotations
@@ -133,3 +136,28 @@ class SquareClassifier(nn.Module):
         share = (torch.sigmoid(20.0 * (images[:, 0] - 0.2))).mean(dim=(1, 2))
         logit = 40.0 * (share - 0.05)
         return torch.stack([torch.sigmoid(-logit), torch.sigmoid(logit)], dim=1)
+
+
+def maps_generator(seed: int = 0, **kwargs) -> nn.Module:
+    """A small StyleGAN2 generator whose noise inputs matter (every strength 0.5), as one trained
+    with ``model.encoder_noise`` draws its layouts from them."""
+    from stylex.networks import Generator
+    from stylex.networks.layers import NoiseInjection
+
+    torch.manual_seed(seed)
+    g = Generator(**kwargs).eval().requires_grad_(False)
+    for m in g.modules():
+        if isinstance(m, NoiseInjection):
+            m.strength.data.fill_(0.5)
+    return g
+
+
+def random_maps(generator: nn.Module, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Per-image noise maps ``{noise layer: [n, 1, r, r]}``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(n, 1, r, r, generator=gen) for name, r in generator.noise_layers}
+
+
+def own(maps: dict[str, torch.Tensor] | None, i: int) -> dict[str, torch.Tensor] | None:
+    """Image i's maps alone (batch 1)."""
+    return None if maps is None else {name: m[i : i + 1] for name, m in maps.items()}

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dissect_fixtures import RES, UNITS, PlantedGenerator, SquareSegmenter
+from dissect_fixtures import RES, UNITS, PlantedGenerator, SquareSegmenter, maps_generator, own, random_maps
 from stylex.dissect.base import modulating_styles, unit_counts, unit_layers
 from stylex.dissect.dissection import Dissection, dissect, noise_latents
 from stylex.dissect.localise import localise_attributes
@@ -292,14 +292,17 @@ def tiny():
     return StyleSpace(g.eval())
 
 
-def _brute_force_iou(space, w, c, d, batch_size):
-    """IoU per unit and concept, unit by unit, over every image held at once."""
+def _brute_force_iou(space, w, c, d, batch_size, noise=None):
+    """IoU per unit and concept, unit by unit, over every image held at once. ``noise``: one entry
+    per image, its own noise maps (batch 1) or None; the images are then rendered one by one."""
     layers = list(d.layers)
     maps = {name: [] for name in layers}
     masks = []
+    step = batch_size if noise is None else 1
     with torch.no_grad(), space.trace(retain=layers) as seen:
-        for start in range(0, w.shape[0], batch_size):
-            img = space.render(space.flat_styles(w[start : start + batch_size], c[start : start + batch_size]))
+        for start in range(0, w.shape[0], step):
+            img = space.render(space.flat_styles(w[start : start + step], c[start : start + step]),
+                               noise=None if noise is None else noise[start])
             masks.append(ColourSegmenter()(img))
             for name in layers:
                 maps[name].append(seen[name])
@@ -369,6 +372,60 @@ def test_noise_and_w_plus_encoder_latents_are_dissected_together(tiny):
     w = torch.cat([wn[:, None].repeat(1, tiny.generator.num_ws, 1), we])
     for name, (iou, _) in _brute_force_iou(tiny, w, torch.cat([cn, ce]), d, batch_size=4).items():
         assert torch.allclose(d.layers[name].iou, iou, atol=1e-12), name
+
+
+# ============================================================================ noise maps
+MAPS_G = dict(z_dim=32, w_dim=32, c_dim=2, resolution=16, channel_base=256, channel_max=32, mapping_layers=2)
+
+
+def test_dissection_renders_every_image_with_its_own_noise_maps():
+    """Noise-path images with the given maps, encoded images with the encoder's maps of them:
+    the statistics are those of renders of one image at a time with that image's maps."""
+    g = maps_generator(**MAPS_G)
+    space = StyleSpace(g)
+    torch.manual_seed(3)
+    encoder = Encoder(resolution=16, w_dim=32, channel_base=256, channel_max=32, noise_maps=True,
+                      noise_layers=[list(x) for x in g.noise_layers]).eval()
+    classifier = MeanColourClassifier()
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    layouts = random_maps(g, 5, seed=4)
+    common = dict(layers=["b8.conv1", "b16.conv1"], num_images=5, encoder_images=images, encoder=encoder,
+                  classifier=classifier, batch_size=4, seed=2, progress=False)
+    d = dissect(space, ColourSegmenter(), noise=layouts, **common)
+    mixed = dissect(space, ColourSegmenter(), **common)  # samples without maps next to encoded ones with theirs
+    wn, cn = noise_latents(g, 5, seed=2)
+    with torch.no_grad():
+        w, c = torch.cat([wn, encoder(images)]), torch.cat([cn, classifier(images)])
+        encoded = encoder.noise_maps(images)
+    per_image = [own(layouts, i) for i in range(5)] + [own(encoded, i) for i in range(6)]
+    for got, noise in ((d, per_image), (mixed, [None] * 5 + per_image[5:])):
+        for name, (iou, m) in _brute_force_iou(space, w, c, got, 4, noise=noise).items():
+            assert torch.allclose(got.layers[name].iou, iou, atol=1e-12), name
+            exact = torch.quantile(m.transpose(0, 1).reshape(m.shape[1], -1).double(), 0.99, dim=1)
+            span = m.amax(dim=(0, 2, 3)).double() - m.amin(dim=(0, 2, 3)).double()
+            assert torch.all((got.layers[name].thresholds - exact).abs() <= 4 * span / 2048), name
+    # Constant noise gives other statistics: the maps are not ignored.
+    const = _brute_force_iou(space, w, c, d, 4)
+    assert any(not torch.allclose(d.layers[name].iou, iou, atol=1e-6) for name, (iou, _) in const.items())
+    with pytest.raises(ValueError, match="batch 1 or 5"):
+        dissect(space, ColourSegmenter(), noise=random_maps(g, 3, seed=4), **common)
+
+
+def test_localised_edits_keep_each_images_noise_maps():
+    g = maps_generator(**MAPS_G)
+    space = StyleSpace(g)
+    flat = space.flat_styles(*noise_latents(g, 5, seed=1))
+    maps = random_maps(g, 5, seed=5)
+    loc, = localise_attributes(space, ColourSegmenter(), flat, [("b16.conv0", 3, 2.0)], batch_size=2,
+                               progress=False, noise=maps)
+    with torch.no_grad():
+        for i in range(5):
+            before = space.render(flat[i : i + 1], noise=own(maps, i))
+            after = space.render(space.edit(flat[i : i + 1], [("b16.conv0", 3)], 2.0, mode="add"), noise=own(maps, i))
+            assert torch.allclose(loc.before[i], before[0], atol=1e-5)
+            assert torch.allclose(loc.after[i], after[0], atol=1e-5)
+            assert torch.allclose(loc.effect[i], (after - before).abs().mean(dim=1)[0], atol=1e-5)
+        assert (loc.before - space.render(flat)).abs().max() > 1e-2  # constant noise draws other images
 
 
 # ============================================================================ bad inputs

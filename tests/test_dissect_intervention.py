@@ -4,6 +4,7 @@ pixels and the latents that draw it), not from the code under test."""
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -331,3 +332,73 @@ def test_batched_sweep_with_prefix_reuse_matches_plain_renders():
     effect = iv.classifier_effect(space, flat, layer, [0, 1], lambda x: torch.softmax(x.mean(dim=(2, 3)), dim=1),
                                   progress=False)
     assert effect.delta.shape == (3,)
+
+
+# ============================================================================ noise maps
+def test_every_intervened_copy_keeps_its_images_noise_maps():
+    """A generator that draws from noise maps (an encoder_noise run): the batched sweep, with and
+    without prefix reuse, gives each intervened image the render of that image alone with its own
+    maps; so do the classifier link, the α objective and the artifact scores built on it."""
+    from dissect_fixtures import maps_generator, own, random_maps
+
+    g = maps_generator(z_dim=16, w_dim=16, c_dim=3, resolution=16, channel_base=128, channel_max=16,
+                       mapping_layers=2)
+    space = StyleSpace(g)
+    gen = torch.Generator().manual_seed(3)
+    flat = space.flat_styles(torch.randn(5, 16, generator=gen), torch.softmax(torch.randn(5, 3, generator=gen), dim=1))
+    maps = random_maps(g, 5, seed=7)
+    layer = "b8.conv1"
+    width = edits.layer_width(space, layer)
+    units = (0, width // 2, width - 1)
+
+    def alone(i, edit=None):  # image i rendered by itself with its own maps
+        with torch.no_grad(), space.trace(edit=edit):
+            return space.render(flat[i : i + 1], noise=own(maps, i))
+
+    alpha = torch.eye(width)
+    for batch in (12, 2):  # two interventions side by side per render, and batches of two images
+        base, out = edits.sweep(space, flat, layer, alpha, torch.zeros_like(alpha), None, lambda img, *_: img,
+                                lambda img, *_: img, "nearest", batch, False, "", noise=maps)
+        for i in range(5):
+            torch.testing.assert_close(base[i], alone(i)[0], atol=1e-5, rtol=0)
+            for u in units:
+                torch.testing.assert_close(out[u, i], alone(i, edits.ablation_edit(space, layer, [u]))[0],
+                                           atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert (base - space.render(flat)).abs().max() > 1e-2  # constant noise draws other images
+
+    def clf(x):
+        return torch.softmax(4 * x.mean(dim=(2, 3)), dim=1)
+
+    effect = iv.classifier_effect(space, flat, layer, [0, 1], clf, progress=False, noise=maps)
+    ablate = edits.ablation_edit(space, layer, [0, 1])
+    expected = torch.stack([clf(alone(i, ablate))[0] - clf(alone(i))[0] for i in range(5)]).mean(dim=0)
+    torch.testing.assert_close(effect.delta, expected, atol=1e-6, rtol=0)
+    const = iv.classifier_effect(space, flat, layer, [0, 1], clf, progress=False)
+    assert (const.delta - effect.delta).abs().max() > 1e-4
+
+    # The α objective's first value: E[s~_c] at α = init over every image, plus λ ||α||².
+    def score(img):  # soft shares of "red" and "green"
+        return torch.stack([img[:, 0].mean(dim=(1, 2)).sigmoid(), img[:, 1].mean(dim=(1, 2)).sigmoid()], dim=1)
+
+    seg = types.SimpleNamespace(concepts=["red", "green"], resolution=16, source="test")
+    found = iv.optimise_unit_set(space, flat, layer, seg, "red", concept_score=score, steps=1, batch_size=5,
+                                 lam=0.0, progress=False, noise=maps)
+    half = edits.soft_edit(space, layer, torch.full((width,), 0.5))
+    want = torch.stack([score(alone(i, half))[0, 0] for i in range(5)]).mean()
+    assert found.objective[0] == pytest.approx(float(want), abs=1e-6)
+
+    # Artifact scores: the diagonal Fréchet distance of the unablated renders, each with its maps.
+    from stylex.metrics.realism import feature_extractor
+
+    real = torch.rand(4, 3, 16, 16) * 2 - 1
+    art = artifacts.artifact_units(space, flat, layer, real, classifier=GreenStatistics(), count=1, random_draws=1,
+                                   batch_size=3, progress=False, noise=maps)
+    features = feature_extractor(GreenStatistics(), resolution=16)
+    with torch.no_grad():
+        fake = torch.cat([features(alone(i)) for i in range(5)])
+        real_f = features(real)
+    d = artifacts.diagonal_frechet(fake, real_f.double().mean(0), real_f.double().std(0, correction=0))
+    assert art.base_distance == pytest.approx(float(d), rel=1e-5)
+    with pytest.raises(ValueError, match="batch 1 or 5"):
+        iv.classifier_effect(space, flat, layer, [0], clf, progress=False, noise=random_maps(g, 2, seed=1))

@@ -162,3 +162,80 @@ def test_a_report_folder_is_published_whole_or_not_at_all(tmp_path):
         (tmp / "report.html").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["report.html"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dissect"]
+
+
+class BrightSegmenter:
+    """Stand-in concepts at 16x16: pixels darker / brighter than the image's mean."""
+
+    concepts = ["dark", "bright"]
+    resolution = 16
+    source = "brightness threshold (test stand-in)"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        lum = images.mean(dim=1)
+        bright = lum > lum.mean(dim=(1, 2), keepdim=True)
+        return torch.stack([~bright, bright], dim=1)
+
+
+def test_dissection_of_an_encoder_noise_export_renders_with_the_encoders_maps(tmp_path, capsys):
+    """Encoded images take the encoder's maps of them, samples those of real image i % M (the
+    training's noise path); without real images the samples get constant noise, and a note says so."""
+    from dissect_fixtures import maps_generator
+
+    from stylex.dissect.dissection import noise_latents
+    from stylex.dissect.pipeline import DissectSettings, dissect_export
+    from stylex.export import load_export
+
+    g = maps_generator(**G_KW)
+    e_kw = {**E_KW, "noise_maps": True, "noise_layers": [list(x) for x in g.noise_layers]}
+    torch.manual_seed(1)
+    folder = tmp_path / "runs" / "folder" / "2024-01-01_00-00-00"
+    save_export(folder / "export", g, G_KW, Encoder(**e_kw).eval(), e_kw, Classifier("resnet10t", 2).freeze(),
+                ["healthy", "sick"], extra={"config": {}})
+    exp = load_export(folder / "export")
+    assert exp.encoder.noise_encoder is not None
+    space = StyleSpace(exp.generator)
+    real = torch.rand(5, 3, 16, 16) * 2 - 1
+    s = DissectSettings(num_images=6, encoded_images=3, intervention_images=7, alpha_steps=0, causal_units=2,
+                        artifact_count=2, batch_size=4)
+    notes: list[str] = []
+    data = dissect_export(exp, tmp_path / "with", BrightSegmenter(), s, real_images=real, say=notes.append)
+
+    def probs(x):
+        return exp.classifier(x).float().softmax(dim=1)
+
+    with torch.no_grad():
+        maps = exp.encoder.noise_maps(real)
+        layout = [{k: m[i % 5 : i % 5 + 1] for k, m in maps.items()} for i in range(7)]
+        # The dissected images, one at a time: samples with layouts, encoded images with their own maps.
+        wn, cn = noise_latents(exp.generator, 6, seed=0)
+        x = real[:3]
+        flat = torch.cat([space.flat_styles(wn, cn), space.flat_styles(exp.encoder(x), probs(x))])
+        rows = [layout[i] for i in range(6)] + [{k: m[j : j + 1] for k, m in maps.items()} for j in range(3)]
+        area = torch.stack([BrightSegmenter()(space.render(flat[i : i + 1], noise=rows[i]))[0].double().mean(dim=(1, 2))
+                            for i in range(9)]).mean(dim=0)
+        const_area = BrightSegmenter()(space.render(flat)).double().mean(dim=(0, 2, 3))
+        # The intervention samples' classifier probabilities.
+        ws, cs = noise_latents(exp.generator, 7, seed=1)
+        samples = space.flat_styles(ws, cs)
+        base = torch.cat([probs(space.render(samples[i : i + 1], noise=layout[i])) for i in range(7)]).mean(dim=0)
+        const_base = probs(space.render(samples)).mean(dim=0)
+    assert data["dissection"]["concept_area"] == pytest.approx(area.tolist(), abs=1e-9)
+    assert (area - const_area).abs().max() > 1e-3
+    assert "encoder" in data["noise_maps"] and not any("constant noise" in n for n in notes)
+    for iv in data["interventions"].values():
+        got = [v["base"] for v in iv["classifier"]["ablation"]["classes"].values()]
+        assert got == pytest.approx(base.tolist(), abs=1e-6)
+    assert (base - const_base).abs().max() > 1e-6
+
+    # No real images: the samples have no layouts; they are rendered with constant noise and a note says so.
+    notes.clear()
+    alone = dissect_export(exp, tmp_path / "without", BrightSegmenter(), s, artifacts=False, say=notes.append)
+    assert any("constant noise" in n for n in notes) and alone["noise_maps"].startswith("none")
+    for iv in alone["interventions"].values():
+        got = [v["base"] for v in iv["classifier"]["ablation"]["classes"].values()]
+        assert got == pytest.approx(const_base.tolist(), abs=1e-6)
+    # The command line says it too (the export's config names no data set, so there are no real images).
+    assert explain_main(["--dissect", "--run", str(folder), "--num-images", "4", "--intervention-images", "4",
+                         "--encoded-images", "0", "--no-artifacts"]) == 0
+    assert "constant noise, without layouts" in capsys.readouterr().err

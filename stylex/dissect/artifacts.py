@@ -7,7 +7,8 @@ classifier features (the features of :mod:`stylex.metrics.realism`) of generated
 no matrix square root, and stable on the few images a per-unit score can afford). The units whose
 ablation lowers ``d`` most are the artifact units; FID and KID (torchmetrics, through
 :class:`~stylex.metrics.realism.RealismMeter`) with the top ones ablated are reported against the
-same number of random units.
+same number of random units. Every render of a generated image (ablated or not) uses its noise
+maps where ``noise`` gives them, and ``noise_mode="const"`` otherwise.
 
 Typical use::
 
@@ -26,16 +27,18 @@ from tqdm.auto import tqdm
 
 from stylex.dissect.edits import (
     check_batch_size,
+    check_noise,
     check_styles,
     float_json,
     image_resolution,
     layer_width,
+    noise_on,
     render_intervened,
     space_device,
     sweep,
     tensor_json,
 )
-from stylex.stylespace import StyleSpace
+from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
 
 # ============================================================================ artifact units
 @dataclass
@@ -91,6 +94,7 @@ def artifact_units(
     seed: int = 0,
     batch_size: int = 64,  # images per render and per feature pass
     progress: bool = True,
+    noise: NoiseMaps | None = None,  # the generated images' noise maps [N or 1, 1, r, r]; None = "const"
 ) -> ArtifactUnits:
     """Rank units by the drop of the diagonal Frechet distance when each is ablated, then FID/KID
     of all ``styles`` with the top ``count`` units ablated against ``count`` random units."""
@@ -112,6 +116,7 @@ def artifact_units(
     if int(count) < 1 or int(random_draws) < 0:
         raise ValueError(f"need count >= 1 and random_draws >= 0, got count={count}, random_draws={random_draws}")
     batch_size = check_batch_size(batch_size)
+    noise = check_noise(noise, styles.shape[0])
     device = space_device(space)
     features = features.to(device)
 
@@ -126,7 +131,8 @@ def artifact_units(
     scoring = styles if score_images is None else styles[: max(2, int(score_images))]
     alpha = torch.eye(width)
     base, out = sweep(space, scoring, layer, alpha, torch.zeros_like(alpha), None, feats, feats, "nearest",
-                       batch_size, progress, f"artifact units of {layer}")
+                       batch_size, progress, f"artifact units of {layer}",
+                       noise=noise_rows(noise, slice(0, scoring.shape[0])))
     assert base is not None
     d_base = float(diagonal_frechet(base, real_mean, real_std))
     score = torch.tensor([d_base - float(diagonal_frechet(out[u], real_mean, real_std)) for u in range(width)])
@@ -143,10 +149,11 @@ def artifact_units(
     def realism(units: list[int] | None) -> dict[str, Any]:
         if units is None:
             with torch.no_grad():
-                images = torch.cat([space.render(styles[i : i + batch_size].to(device), noise_mode="const").cpu()
-                                    for i in range(0, styles.shape[0], batch_size)])
+                images = torch.cat([space.render(styles[i : i + batch_size].to(device), noise_mode="const",
+                                                 noise=noise_on(noise_rows(noise, slice(i, i + batch_size)), device))
+                                    .cpu() for i in range(0, styles.shape[0], batch_size)])
         else:
-            images = render_intervened(space, styles, layer, units, batch_size=batch_size)
+            images = render_intervened(space, styles, layer, units, batch_size=batch_size, noise=noise)
         m = meter.measure(images)
         return {"fid": float_json(m["fid"]), "kid": float_json(m["kid"]), "kid_std": float_json(m["kid_std"])}
 

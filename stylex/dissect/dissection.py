@@ -21,7 +21,10 @@ Images
     and what the training samples and AttFind condition on; the classifier's probabilities of
     the render itself cannot be used, since the render depends on them. *Encoder path*
     (optional): validation images ``x`` give ``w = E(x)`` and ``c = C(x)``, the classifier's
-    probabilities, as in training. Renders use ``noise_mode="const"``.
+    probabilities, as in training. Renders use ``noise_mode="const"``, except where noise maps
+    are given: an encoder trained with ``model.encoder_noise`` gives each encoded image its own
+    maps (:func:`encoder_noise_maps`), and ``noise`` gives the noise-path images theirs (the
+    pipeline's: maps of real images, the layouts the training's noise path draws on).
 
 Two passes over the same latents: pass 1 accumulates the thresholds, pass 2 the overlaps and
 conditional means. The units of a unit layer ``L`` are modulated by the StyleSpace coordinates
@@ -48,8 +51,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from stylex.dissect.base import Segmenter, check_layers, modulating_styles, unit_counts
+from stylex.dissect.edits import check_noise
 from stylex.dissect.stats import IoUAccumulator, RunningQuantile
-from stylex.stylespace import StyleSpace
+from stylex.stylespace import NoiseMaps, StyleSpace, noise_cat, noise_rows
 
 NOISE_CONDITIONING = "one-hot classes in turn (noise path)"
 ENCODER_CONDITIONING = "classifier probabilities of the input (encoder path)"
@@ -362,6 +366,42 @@ def encoder_latents(
     return torch.cat(ws), torch.cat(cs)
 
 
+def encoder_noise_maps(
+    encoder: nn.Module,  # a stylex Encoder
+    images: torch.Tensor,  # [M, 3, R, R] in [-1, 1]
+    batch_size: int,
+    device: torch.device | str,
+) -> dict[str, torch.Tensor] | None:  # noise layer -> [M, 1, r, r] on the CPU; None = E gives none
+    """The encoder's noise maps of ``images`` when it was trained to give them
+    (``model.encoder_noise``): the generator then draws each image's layout from its own maps."""
+    if getattr(encoder, "noise_encoder", None) is None:  # an encoder of the latent alone
+        return None
+    parts = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            maps = encoder.noise_maps(images[start : start + batch_size].to(device).float())
+            parts.append({name: m.float().cpu() for name, m in maps.items()})
+    return noise_cat(parts)
+
+
+def _noise_spans(
+    parts: Sequence[tuple[int, NoiseMaps | None]],  # (images, their maps [n or 1, ...] or None) in order
+) -> list[tuple[int, int, NoiseMaps | None]]:  # (start, end, maps of rows start..end) covering every image
+    """One span over all images when all or none of them have maps, else one span per part."""
+    parts = [(n, m) for n, m in parts if n > 0]
+    if len({m is None for _, m in parts}) > 1:
+        spans, start = [], 0
+        for n, m in parts:
+            spans.append((start, start + n, m))
+            start += n
+        return spans
+    total = sum(n for n, _ in parts)
+    if not parts or parts[0][1] is None:
+        return [(0, total, None)]
+    full = [{name: x.expand(n, *x.shape[1:]) if x.shape[0] == 1 else x for name, x in m.items()} for n, m in parts]
+    return [(0, total, full[0] if len(full) == 1 else noise_cat(full))]
+
+
 # ============================================================================ dissection
 def default_batch_size(
     device: torch.device,
@@ -431,6 +471,7 @@ def dissect(
     device: torch.device | str | None = None,  # None = the generator's; the networks are moved there
     truncation_psi: float = 1.0,  # of the noise path's mapping
     bins: int = 2048,  # histogram bins per unit for the thresholds (error <= range / bins)
+    noise: NoiseMaps | None = None,  # the noise-path images' maps [num_images or 1, 1, r, r]; None = "const"
 ) -> Dissection:
     """Dissect the units of ``layers`` against the segmenter's concepts (module docstring).
 
@@ -463,6 +504,8 @@ def dissect(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     w, c = noise_latents(g, num_images, classes_used or None, seed, truncation_psi, device=device)
+    noise = check_noise(noise, num_images)
+    encoded_noise = None
     num_encoded = 0
     conditioning = NOISE_CONDITIONING if num_images else ""
     if has_encoded:
@@ -474,6 +517,7 @@ def dissect(
         encoder.to(device)
         classifier.to(device)
         we, ce = encoder_latents(encoder, classifier, encoder_images, batch_size, device)
+        encoded_noise = encoder_noise_maps(encoder, encoder_images, batch_size, device)
         if c is not None and ce.shape[1] != c.shape[1]:
             raise ValueError(f"the classifier gives {ce.shape[1]} classes but the generator is conditioned on "
                              f"{c.shape[1]}")
@@ -486,13 +530,21 @@ def dissect(
     timings["latents"] = time.perf_counter() - t0
     total = w.shape[0]
     units = unit_counts(space)
+    # Batches never mix images with and without noise maps.
+    spans = _noise_spans([(num_images, noise), (num_encoded, encoded_noise)])
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None, NoiseMaps | None]]:
+        for a, b, maps in spans:
+            for (wb, cb), start in zip(_batches(w[a:b], None if c is None else c[a:b], batch_size),
+                                       range(0, b - a, batch_size)):
+                yield wb, cb, noise_rows(maps, slice(start, start + wb.shape[0]))
 
     def renders(desc: str) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
         try:
             with torch.no_grad(), space.trace(retain=layers) as seen:
-                for wb, cb in _batches(w, c, batch_size):
-                    img = space.render(space.flat_styles(wb, cb), noise_mode="const")
+                for wb, cb, nb in batches():
+                    img = space.render(space.flat_styles(wb, cb), noise_mode="const", noise=nb)
                     maps = {}
                     for name in layers:
                         m = seen[name]

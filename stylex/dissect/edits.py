@@ -23,7 +23,10 @@ Measures. ``s_c(image)`` is the share of pixels the segmenter labels ``c``; the 
 when the generator supports prefix reuse) and reduces each with a measure, so that no image set
 is kept in memory.
 
-Styles are flat StyleSpace styles ``[N, S]``; every render uses ``noise_mode="const"``.
+Styles are flat StyleSpace styles ``[N, S]``; every render uses ``noise_mode="const"``, or the
+images' own noise maps when ``noise`` gives them (``{noise layer: [N or 1, 1, r, r]}``, as an
+encoder trained with ``model.encoder_noise`` gives them): every intervened copy of an image
+keeps its maps.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stylex.dissect.base import Segmenter, check_layers, unit_counts
-from stylex.stylespace import StyleSpace
+from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]  # a layer's output -> its replacement (same shape)
 ConceptScore = Callable[[torch.Tensor], torch.Tensor]  # images [B, 3, R, R] -> soft shares [B, concepts]
@@ -128,6 +131,27 @@ def check_styles(space: StyleSpace, styles: torch.Tensor) -> torch.Tensor:
     if styles.shape[0] == 0:
         raise ValueError("no styles given: interventions need at least one image")
     return styles.detach()
+
+
+def check_noise(
+    noise: NoiseMaps | None,  # {noise layer: [N or 1, 1, r, r]}
+    n: int,  # the number of images
+) -> NoiseMaps | None:
+    """Noise maps checked to hold one map per image (or one shared by all)."""
+    if noise is None:
+        return None
+    bad = {name: tuple(m.shape) for name, m in noise.items() if m.ndim != 4 or m.shape[0] not in (1, n)}
+    if bad:
+        raise ValueError(f"noise maps must have batch 1 or {n} (one per image), got {bad}")
+    return noise
+
+
+def noise_on(
+    noise: NoiseMaps | None,
+    device: torch.device,
+) -> dict[str, torch.Tensor] | None:
+    """The maps moved to ``device`` once (renders index them per intervened copy)."""
+    return None if noise is None else {name: m.to(device) for name, m in noise.items()}
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -451,13 +475,15 @@ def sweep(
     batch_size: int,  # images per render
     progress: bool,
     desc: str,
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> tuple[torch.Tensor | None, torch.Tensor]:  # base [N, ...] (or None), intervened [G, N, ...]
     """Every image under every intervention, rendered in batches of ``batch_size``: each batch of
     images is rendered once plain (when its base is measured, or when several interventions can
     resume from its prefix cache) and then in groups of interventions side by side, resuming from
-    ``layer`` when the generator keeps a prefix cache."""
+    ``layer`` when the generator keeps a prefix cache. Every copy of an image keeps its noise maps."""
     device = space_device(space)
     n, g_total = styles.shape[0], alpha.shape[0]
+    noise = check_noise(noise, n)
     b = min(n, batch_size)
     per = max(1, batch_size // b)
     alpha, values = alpha.to(device), values.to(device)
@@ -472,9 +498,10 @@ def sweep(
             for i0 in range(0, n, b):
                 s = styles[i0 : i0 + b].to(device)
                 nb = s.shape[0]
+                maps = noise_on(noise_rows(noise, slice(i0, i0 + nb)), device)
                 cache: dict = {}
                 if base_measure is not None or (g_total > 1 and reuse is not False):
-                    base = space.render(s, noise_mode="const", cache=cache)
+                    base = space.render(s, noise_mode="const", cache=cache, noise=maps)
                     reuse = layer in cache
                     if base_measure is not None:
                         bases.append(base_measure(base, torch.arange(i0, i0 + nb, device=device)).cpu())
@@ -489,12 +516,13 @@ def sweep(
                         m = masks[rows_g, rows_n if masks.shape[1] > 1 else torch.zeros_like(rows_n)][:, None]
                     fn = partial(soft_intervene, alpha=alpha[rows_g], values=values[rows_g], mask=m, resize=resize)
                     tiled = s.repeat(g1 - g0, 1)
+                    tiled_maps = noise_rows(maps, local)  # row j copies image local[j]
                     with space.trace(edit={layer: fn}):
                         if reuse and layer in cache:
                             img = space.render(tiled, noise_mode="const", from_layer=layer,
-                                               cache=space.cache_rows(cache, layer, local))
+                                               cache=space.cache_rows(cache, layer, local), noise=tiled_maps)
                         else:
-                            img = space.render(tiled, noise_mode="const")
+                            img = space.render(tiled, noise_mode="const", noise=tiled_maps)
                     out = measure(img, rows_g, rows_n).cpu()
                     if result is None:
                         result = torch.empty(g_total, n, *out.shape[1:], dtype=out.dtype)
@@ -526,10 +554,11 @@ def render_intervened(
     resize: str = "nearest",  # "nearest" | "area" (see fit_mask)
     batch_size: int = 64,  # images per render
     progress: bool = False,
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> torch.Tensor:  # [N, 3, R, R] in [-1, 1], on the CPU
     """Render ``styles`` with ``units`` ablated (``values=None``) or set to ``values``."""
     _, images = sweep_unit_set(space, styles, layer, units, values, region, resize, lambda img, g, n: img.float(),
-                               None, batch_size, progress, f"rendering {layer}")
+                               None, batch_size, progress, f"rendering {layer}", noise=noise)
     return images[0]
 
 
@@ -546,6 +575,7 @@ def sweep_unit_set(
     batch_size: int,
     progress: bool,
     desc: str,
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> tuple[torch.Tensor | None, torch.Tensor]:  # sweep's (base, [1, ...] intervened)
     """:func:`sweep` over a single unit set, with every argument checked."""
     styles = check_styles(space, styles)
@@ -555,7 +585,7 @@ def sweep_unit_set(
     k = unit_values(values, idx, width)
     masks = None if region is None else check_region(region, image_resolution(space), styles.shape[0])[None]
     return sweep(space, styles, layer, one_hot_sets([idx], width), k[None], masks, measure, base_measure, resize,
-                 check_batch_size(batch_size), progress, desc)
+                 check_batch_size(batch_size), progress, desc, noise=noise)
 
 
 def layer_resolution(

@@ -36,7 +36,8 @@ layer cells around the cell of image pixel ``(x, y)``; a trial counts when the s
 Classifier link. ``Delta p_k = E[p_k(G(z) intervened)] - E[p_k(G(z))]`` for every class ``k`` of
 the frozen classifier.
 
-Styles are flat StyleSpace styles ``[N, S]``; every render uses ``noise_mode="const"``; results
+Styles are flat StyleSpace styles ``[N, S]``; every render uses ``noise_mode="const"``, or each
+image's own noise maps where ``noise`` gives them (``{noise layer: [N or 1, 1, r, r]}``); results
 are plain dataclasses (CPU tensors) with ``to_json()``. Thresholds, IoU rankings and insertion
 values ``k_{u,c}`` come from unit dissection as plain tensors / lists.
 
@@ -70,6 +71,7 @@ from stylex.dissect.edits import (
     ConceptScore,
     check_batch_size,
     check_mode,
+    check_noise,
     check_region,
     check_resize,
     check_styles,
@@ -80,6 +82,7 @@ from stylex.dissect.edits import (
     image_resolution,
     layer_resolution,
     layer_width,
+    noise_on,
     one_hot_sets,
     resolve_concepts,
     segment,
@@ -92,7 +95,7 @@ from stylex.dissect.edits import (
     tensor_json,
     unit_values,
 )
-from stylex.stylespace import StyleSpace
+from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
 
 @dataclass
 class CausalEffect:
@@ -162,6 +165,7 @@ def average_causal_effect(
     resize: str = "nearest",
     batch_size: int = 64,  # images per render
     progress: bool = True,
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> CausalEffect:
     """``delta_{U -> c}`` for each concept: the mean share of ``c`` pixels with ``U`` intervened
     minus without."""
@@ -174,7 +178,7 @@ def average_causal_effect(
     masks = None if region is None else check_region(region, image_resolution(space), styles.shape[0])[None]
     shares = share_measure(segmenter, cidx)
     base, out = sweep(space, styles, layer, one_hot_sets([idx], width), k[None], masks, shares, shares, resize,
-                       check_batch_size(batch_size), progress, f"ACE of {layer}")
+                       check_batch_size(batch_size), progress, f"ACE of {layer}", noise=noise)
     assert base is not None
     return CausalEffect(layer=layer, mode="ablation" if values is None else "insertion", units=idx.tolist(),
                         concepts=names, base_share=base.mean(dim=0), share=out[0].mean(dim=0),
@@ -193,6 +197,7 @@ def unit_effects(
     resize: str = "nearest",
     batch_size: int = 64,  # images per render (units of one image batch share a render)
     progress: bool = True,
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> UnitEffects:
     """The single-unit ACE of every unit on each concept: one intervened render per (unit,
     image), batched over units. Insertion needs one value per unit of the layer (``[C]``, e.g.
@@ -215,7 +220,7 @@ def unit_effects(
         masks = masks.expand(idx.numel(), *masks.shape[1:])
     shares = share_measure(segmenter, cidx)
     base, out = sweep(space, styles, layer, alpha, alpha * k, masks, shares, shares, resize,
-                       check_batch_size(batch_size), progress, f"unit ACE of {layer}")
+                       check_batch_size(batch_size), progress, f"unit ACE of {layer}", noise=noise)
     assert base is not None
     return UnitEffects(layer=layer, mode="ablation" if values is None else "insertion", units=idx.tolist(),
                        concepts=names, base_share=base.mean(dim=0), share=out.mean(dim=1),
@@ -275,6 +280,7 @@ def optimise_unit_set(
     batch_size: int = 16,  # images per step (a seeded cycle through the styles)
     seed: int = 0,
     progress: bool = True,
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> UnitSet:
     """``alpha*`` minimising ``+/- E[s~_c(G_alpha)] + lam ||alpha||^2`` over ``[0, 1]^C`` by
     projected Adam (see the module docstring)."""
@@ -299,6 +305,7 @@ def optimise_unit_set(
     regions = None if region is None else check_region(region, image_resolution(space), n)
     device = space_device(space)
     k = k.to(device)
+    noise = noise_on(check_noise(noise, n), device)
     sign = 1.0 if mode == "ablation" else -1.0
     gen = torch.Generator().manual_seed(int(seed))
 
@@ -309,7 +316,7 @@ def optimise_unit_set(
             m = (regions if regions.shape[0] == 1 else regions[rows]).to(device)[:, None]
         fn = partial(soft_intervene, alpha=alpha, values=k, mask=m, resize=resize)
         with space.trace(edit={layer: fn}):
-            images = space.render(s, noise_mode="const")
+            images = space.render(s, noise_mode="const", noise=noise_rows(noise, rows))
         return soft_concept_shares(segmenter, images, concept_score)[:, c].mean()
 
     alpha = torch.full((width,), float(init), device=device, requires_grad=True)
@@ -386,6 +393,7 @@ def ablation_curve(
     seed: int = 0,
     batch_size: int = 64,  # images per render
     progress: bool = True,
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> AblationCurve:
     """``r_c(n)`` for each ranking and for random rankings (all interventions rendered together)."""
     styles = check_styles(space, styles)
@@ -411,7 +419,7 @@ def ablation_curve(
     alpha = one_hot_sets(sets, width)
     share = share_measure(segmenter, c)
     base, out = sweep(space, styles, layer, alpha, torch.zeros_like(alpha), None, share, share, "nearest",
-                       check_batch_size(batch_size), progress, f"ablation curve of {concept}")
+                       check_batch_size(batch_size), progress, f"ablation curve of {concept}", noise=noise)
     assert base is not None
     base_mean = float(base.mean())
     left = out.mean(dim=1) / base_mean if base_mean > 0 else torch.full((len(sets),), math.nan)
@@ -500,6 +508,7 @@ def insert_at_locations(
     min_pixels: int = 1,  # concept pixels in the check area that count as "found"
     batch_size: int = 64,  # images per render
     progress: bool = True,
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> InsertionResult:
     """Insert ``units`` with ``values`` around each location of each image; success where the
     segmenter finds the concept in the check area afterwards and did not before."""
@@ -536,7 +545,7 @@ def insert_at_locations(
 
     alpha = one_hot_sets([idx] * num_loc, width)
     before_mask, after = sweep(space, styles, layer, alpha, alpha * k, region, found_in_area, concept_mask, "nearest",
-                                check_batch_size(batch_size), progress, f"inserting {concept}")
+                                check_batch_size(batch_size), progress, f"inserting {concept}", noise=noise)
     assert before_mask is not None  # [N, R, R]
     before = torch.stack([(before_mask & area[j].expand(n, -1, -1)).sum(dim=(-2, -1)) for j in range(num_loc)], dim=1)
     return InsertionResult(layer=layer, concept=concept, units=idx.tolist(), values=k[idx].tolist(), size=int(size),
@@ -581,6 +590,7 @@ def classifier_effect(
     class_names: Sequence[str] | None = None,  # None = classifier.class_names, else "0", "1", ...
     batch_size: int = 64,  # images per render
     progress: bool = True,
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> ClassEffect:
     """Mean change of each class probability when ``units`` are ablated or inserted."""
     def probs(images: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
@@ -588,7 +598,7 @@ def classifier_effect(
 
     idx = check_units(space, layer, units)
     base, out = sweep_unit_set(space, styles, layer, idx, values, region, resize, probs, probs, batch_size, progress,
-                               f"classifier under {layer}")
+                               f"classifier under {layer}", noise=noise)
     assert base is not None
     num = base.shape[1]
     names = list(class_names or getattr(classifier, "class_names", None) or [str(i) for i in range(num)])

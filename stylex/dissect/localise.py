@@ -32,6 +32,9 @@ shift leaves unchanged says nothing about where it acts)::
 
 and the attribute "acts on" ``argmax_c IoU^E_c``.
 
+Renders use ``noise_mode="const"``, or each image's own noise maps where ``noise`` gives them
+(an encoder trained with ``model.encoder_noise``): the edited render of an image keeps its maps.
+
 Typical use::
 
     found = localise_attributes(space, segmenter, flat, result.rankings[1][:5],
@@ -50,8 +53,9 @@ from tqdm.auto import tqdm
 
 from stylex.dissect.base import Segmenter, feeding_unit_layer
 from stylex.dissect.dissection import Dissection, check_segmenter, module_device, segment
+from stylex.dissect.edits import check_noise, noise_on
 from stylex.dissect.stats import RunningQuantile, overlap_counts, upsample_maps
-from stylex.stylespace import StyleSpace
+from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
 
 # (style layer, channel, shift): the shift a float or [N] per image
 AttributeTriple = tuple[str, int, Union[float, torch.Tensor]]
@@ -195,6 +199,7 @@ def localise_attributes(
     keep_maps: bool = True,  # keep the maps, masks and renders for drawing
     progress: bool = True,
     device: torch.device | str | None = None,  # None = the generator's
+    noise: NoiseMaps | None = None,  # the images' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> list[Localisation]:
     """Localise each attribute over the images (module docstring); one result per attribute."""
     g = space.generator
@@ -222,6 +227,7 @@ def localise_attributes(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = flat.shape[0]
     flat = flat.detach().float()
+    noise = check_noise(noise, n)
     shifts = attribute_shifts(space, flat, attributes, extremes, shift_size)
     concepts = list(segmenter.concepts)
     res = int(g.resolution)
@@ -248,15 +254,16 @@ def localise_attributes(
             with torch.no_grad(), space.trace(retain=unit_layers) as seen:
                 for start in range(0, n, batch_size):
                     fb = flat[start : start + batch_size].to(device)
-                    img = space.render(fb, noise_mode="const")
-                    yield start, fb, img, {name: seen[name] for name in unit_layers}
+                    nb = noise_on(noise_rows(noise, slice(start, start + fb.shape[0])), device)
+                    img = space.render(fb, noise_mode="const", noise=nb)
+                    yield start, fb, nb, img, {name: seen[name] for name in unit_layers}
                     bar.update(fb.shape[0])
         finally:
             bar.close()
 
     if missing:  # a first pass for the thresholds of units no dissection covers
         running = {u: RunningQuantile(1, device=device) for u in missing}
-        for _, _, _, maps in base_batches("localisation: unit thresholds"):
+        for _, _, _, _, maps in base_batches("localisation: unit thresholds"):
             for u in missing:
                 running[u].add(maps[u[0]][:, u[1] : u[1] + 1])
         for u in missing:
@@ -277,14 +284,14 @@ def localise_attributes(
         if keep_maps and value is not None:
             kept[j].setdefault(key, []).append(value.detach().cpu())
 
-    for start, fb, before, maps in base_batches("localisation: attributes"):
+    for start, fb, nb, before, maps in base_batches("localisation: attributes"):
         b = fb.shape[0]
         masks_before = segment(segmenter, before)
         for j, (layer, ch, delta) in enumerate(shifts):
             coord = space.index(layer, ch)
             edited = space.edit(fb, [coord], delta[start : start + b, None].to(device), mode="add")
             with torch.no_grad():
-                after = space.render(edited, noise_mode="const")
+                after = space.render(edited, noise_mode="const", noise=nb)
             masks = masks_before | segment(segmenter, after)  # [B, C, R, R]
             effect = (after - before).abs().mean(dim=1)  # [B, R, R]
             peak = effect.flatten(1).amax(dim=1)  # [B]

@@ -17,6 +17,11 @@
 5. **Attributes in space**: where each ranked attribute of the run's ``explanation.json`` acts
    ("acts on: haemorrhage (IoU 0.41)"), written back into the explanation (JSON and page) and,
    on the synthetic data, checked against the factor the ground truth says it changes.
+
+A generator trained with ``model.encoder_noise`` draws each image's layout from noise maps: the
+encoded images are rendered with the encoder's maps of them, and the samples (w from z) with the
+maps of real images, sample i taking those of real image i (cycling), as on the training's noise
+path; every edit of an image keeps its maps. Without real images the samples get constant noise.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from stylex.dissect.base import Segmenter, check_layers, unit_counts
-from stylex.dissect.dissection import Dissection, dissect, encoder_latents, noise_latents
+from stylex.dissect.dissection import Dissection, dissect, encoder_latents, encoder_noise_maps, noise_latents
 from stylex.dissect.artifacts import artifact_units
 from stylex.dissect.intervention import (
     ablation_curve,
@@ -43,7 +48,7 @@ from stylex.dissect.intervention import (
     unit_effects,
 )
 from stylex.dissect.localise import localise_attributes
-from stylex.stylespace import StyleSpace
+from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -165,11 +170,13 @@ def dissect_export(
     encoded = None
     if real_images is not None and s.encoded_images > 0:
         encoded = real_images[: s.encoded_images]
+    layouts, noise_note = _layouts(exp.encoder, real_images, s, device, say)
     t = time.perf_counter()
     dis = dissect(space, segmenter, layers=layers, num_images=s.num_images, batch_size=s.batch_size,
                   quantile=s.quantile, iou_threshold=s.iou_threshold, seed=s.seed,
                   encoder_images=encoded, encoder=exp.encoder.to(device).eval() if encoded is not None else None,
-                  classifier=_probabilities(clf) if encoded is not None else None, device=device)
+                  classifier=_probabilities(clf) if encoded is not None else None, device=device,
+                  noise=_cycled(layouts, s.num_images))
     timings["dissection"] = time.perf_counter() - t
     say(f"dissection of {len(layers)} layers over {dis.num_images + dis.num_encoded} images: "
         f"{timings['dissection']:.1f} s")
@@ -177,8 +184,9 @@ def dissect_export(
     # The intervention samples: noise latents of another seed, classes balanced.
     w, c = noise_latents(g, s.intervention_images, seed=s.seed + 1, device=device)
     styles = space.flat_styles(w, c).detach()
+    noise = _cycled(layouts, styles.shape[0])
     t = time.perf_counter()
-    interventions = {con: _intervene(space, styles, dis, segmenter, con, clf, exp.class_names, s, say)
+    interventions = {con: _intervene(space, styles, dis, segmenter, con, clf, exp.class_names, s, say, noise=noise)
                      for con in target_concepts(segmenter)}
     timings["intervention"] = time.perf_counter() - t
 
@@ -187,7 +195,7 @@ def dissect_export(
         t = time.perf_counter()
         layer = layers[len(layers) // 2]
         art = artifact_units(space, styles, layer, real_images.to(device), classifier=clf,
-                             count=min(s.artifact_count, unit_counts(space)[layer]), seed=s.seed)
+                             count=min(s.artifact_count, unit_counts(space)[layer]), seed=s.seed, noise=noise)
         artifact_json = art.to_json()
         timings["artifacts"] = time.perf_counter() - t
         fid = {k: (v or {}).get("fid") for k, v in art.realism.items()}
@@ -198,7 +206,8 @@ def dissect_export(
     attributes = None
     if explanation is not None and Path(explanation).is_file():
         t = time.perf_counter()
-        attributes = _localise(space, segmenter, dis, Path(explanation), exp, real_images, s, device, say)
+        attributes = _localise(space, segmenter, dis, Path(explanation), exp, real_images, s, device, say,
+                               layouts=layouts)
         timings["attributes"] = time.perf_counter() - t
 
     data = {
@@ -208,14 +217,45 @@ def dissect_export(
         "settings": {**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(s).items()},
                      "layers": layers, "device": str(device)},
         "segmenter": _segmenter_record(segmenter),
+        "noise_maps": noise_note,
         "dissection": dis.to_json(),
         "interventions": interventions,
         "artifacts": artifact_json,
         "attributes": attributes,
         "timings": {**timings, "total": time.perf_counter() - t0},
     }
-    write_dissection_report(out_dir, data, space, dis, segmenter, styles)
+    write_dissection_report(out_dir, data, space, dis, segmenter, styles, noise=noise)
     return data
+
+
+def _layouts(
+    encoder: nn.Module,
+    real_images: torch.Tensor | None,  # [M, 3, R, R]
+    s: DissectSettings,
+    device: torch.device,
+    say: Say,
+) -> tuple[dict[str, torch.Tensor] | None, str | None]:  # the real images' noise maps [M, 1, r, r], a note
+    """The encoder's noise maps of the real images (None for an encoder without noise maps), and
+    what the report says about them."""
+    if getattr(encoder, "noise_encoder", None) is None:
+        return None, None
+    if real_images is None:
+        say("note: this generator takes its layouts from the encoder's noise maps of real images, and there "
+            "are none: the samples are rendered with constant noise, without layouts")
+        return None, "none: no real images for the samples' layouts (constant noise)"
+    maps = encoder_noise_maps(encoder.to(device).eval(), real_images, s.batch_size or 32, device)
+    return maps, (f"the encoder's: encoded images their own, samples those of {real_images.shape[0]} "
+                  "real images (sample i those of image i, cycling)")
+
+
+def _cycled(
+    layouts: NoiseMaps | None,  # [M, 1, r, r] per noise layer
+    n: int,
+) -> dict[str, torch.Tensor] | None:  # [n, 1, r, r]: row i holds the maps of image i % M
+    if layouts is None:
+        return None
+    m = next(iter(layouts.values())).shape[0]
+    return noise_rows(layouts, torch.arange(n) % m)
 
 
 class _Probabilities(nn.Module):
@@ -259,6 +299,7 @@ def _intervene(
     class_names: Sequence[str],
     s: DissectSettings,
     say: Say,
+    noise: NoiseMaps | None = None,  # the samples' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> dict[str, Any]:
     """Every causal measurement of one concept on its best layer."""
     layer = _best_layer(dis, concept)
@@ -266,7 +307,7 @@ def _intervene(
     ld = dis.layers[layer]
     width = ld.iou.shape[0]
     out: dict[str, Any] = {"layer": layer, "units": width}
-    effects = unit_effects(space, styles, layer, segmenter, concepts=[concept], progress=False)
+    effects = unit_effects(space, styles, layer, segmenter, concepts=[concept], progress=False, noise=noise)
     ace_rank = effects.ranking(concept)
     out["ace"] = {"base_share": float(effects.base_share[0]),
                   "top": [{"unit": int(u), "ace": float(effects.ace[int(u), 0])} for u in ace_rank[:10]]}
@@ -274,14 +315,15 @@ def _intervene(
     score = concept_score(segmenter)
     if score is not None and s.alpha_steps > 0:
         unit_set = optimise_unit_set(space, styles, layer, segmenter, concept, concept_score=score,
-                                     steps=s.alpha_steps, seed=s.seed, progress=False)
+                                     steps=s.alpha_steps, seed=s.seed, progress=False, noise=noise)
         rankings = {"alpha": unit_set.ranking(), **rankings}
         out["alpha"] = {"top": [{"unit": int(u), "alpha": float(unit_set.alpha[int(u)])}
                                 for u in unit_set.ranking()[:10]],
                         "objective": float(unit_set.objective[-1]) if unit_set.objective else None}
     else:
         out["alpha"] = None
-    curve = ablation_curve(space, styles, layer, segmenter, concept, rankings, seed=s.seed, progress=False)
+    curve = ablation_curve(space, styles, layer, segmenter, concept, rankings, seed=s.seed, progress=False,
+                           noise=noise)
     out["curve"] = curve.to_json()
     causal = torch.as_tensor(rankings.get("alpha", ace_rank), dtype=torch.long)[: min(s.causal_units, width)]
     k = torch.nan_to_num(ld.conditional_mean[:, c].float(), nan=0.0)
@@ -290,14 +332,14 @@ def _intervene(
     gen = torch.Generator().manual_seed(s.seed)
     locations = (torch.rand(styles.shape[0], 2, 2, generator=gen) * (res / 2) + res / 4).round()
     ins = insert_at_locations(space, styles, layer, causal, values, segmenter, concept, locations,
-                              tolerance=max(1.0, res / 16), progress=False)
+                              tolerance=max(1.0, res / 16), progress=False, noise=noise)
     # Trials are the locations where the concept was absent before; there may be none.
     out["insertion"] = {"units": causal.tolist(), "success_rate": ins.success_rate if ins.trials else None,
                         "trials": ins.trials, "successes": ins.successes}
     removed = classifier_effect(space, styles, layer, causal, _probabilities(classifier), output="probabilities",
-                                class_names=list(class_names), progress=False)
+                                class_names=list(class_names), progress=False, noise=noise)
     inserted = classifier_effect(space, styles, layer, causal, _probabilities(classifier), values=values,
-                                 output="probabilities", class_names=list(class_names), progress=False)
+                                 output="probabilities", class_names=list(class_names), progress=False, noise=noise)
     out["classifier"] = {"ablation": removed.to_json(), "insertion": inserted.to_json()}
     left = {name: curve.remaining[name][0] for name in curve.remaining}
     say(f"{concept} on {layer}: one unit removes " + ", ".join(
@@ -308,8 +350,10 @@ def _intervene(
     return out
 
 
-def _localise(space, segmenter, dis, explanation: Path, exp, real_images, s, device, say) -> dict[str, Any] | None:
-    """Localise the attributes of ``explanation.json`` and write "acts on" back into it."""
+def _localise(space, segmenter, dis, explanation: Path, exp, real_images, s, device, say,
+              layouts: NoiseMaps | None = None) -> dict[str, Any] | None:
+    """Localise the attributes of ``explanation.json`` and write "acts on" back into it
+    (``layouts``: the real images' noise maps, each image's own in its renders)."""
     try:
         data = json.loads(explanation.read_text())
     except (OSError, ValueError) as e:
@@ -318,9 +362,11 @@ def _localise(space, segmenter, dis, explanation: Path, exp, real_images, s, dev
     ranked = [(name, a) for name, cls in (data.get("classes") or {}).items() for a in cls.get("attributes", [])]
     if not ranked:
         return None
+    noise = None
     if real_images is not None:  # AttFind explained encoded validation images: localise on those
         w, c = encoder_latents(exp.encoder.to(device).eval(), _probabilities(exp.classifier), real_images[:64],
                                batch_size=32, device=device)
+        noise = noise_rows(layouts, slice(0, 64))
     else:
         w, c = noise_latents(exp.generator, 64, seed=s.seed + 2, device=device)
     flat = space.flat_styles(w, c).detach()
@@ -334,7 +380,7 @@ def _localise(space, segmenter, dis, explanation: Path, exp, real_images, s, dev
 
     found = localise_attributes(space, segmenter, flat, [_Attr(a) for _, a in ranked],
                                 extremes=(stats["min"], stats["max"]), shift_size=shift, dissection=dis,
-                                keep_maps=False, progress=False, device=device)
+                                keep_maps=False, progress=False, device=device, noise=noise)
     gt = (data.get("ground_truth") or {}).get("classes") or {}
     rows, agree, judged = [], 0, 0
     for (name, a), loc in zip(ranked, found):

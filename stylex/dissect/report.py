@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from stylex.dissect.base import Segmenter
 from stylex.dissect.dissection import Dissection
 from stylex.explain.drawing import data_uri, row, save_png, slug, to_pil
-from stylex.stylespace import StyleSpace
+from stylex.stylespace import NoiseMaps, StyleSpace
 from stylex.utils.io import atomic_write_json, atomic_write_text
 from stylex.utils.plot import font, line_plot, stack
 
@@ -93,11 +93,12 @@ def unit_montage(
     caption: str,
     count: int = MONTAGE_IMAGES,
     tile: int = 96,
+    noise: NoiseMaps | None = None,  # the samples' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> Image.Image:
     """The samples where the unit is most active, its region (map > t_u, upsampled) outlined."""
     device = next(iter(space.generator.parameters()), torch.zeros(())).device
     with space.trace(retain=[layer]) as seen:
-        images = space.render(styles.to(device))
+        images = space.render(styles.to(device), noise=noise)
         maps = seen[layer][:, channel : channel + 1].float()
     res = images.shape[-1]
     maps = F.interpolate(maps, size=(res, res), mode="bilinear", align_corners=False)[:, 0].cpu()
@@ -138,6 +139,7 @@ def write_dissection_report(
     dis: Dissection,
     segmenter: Segmenter,
     styles: torch.Tensor,  # [N, S] samples the montages are drawn from
+    noise: NoiseMaps | None = None,  # the samples' noise maps [N or 1, 1, r, r]; None = noise_mode "const"
 ) -> Path:  # report.html
     """Draw the PNGs, write the JSON and the page; returns the page's path."""
     out = Path(out_dir)
@@ -162,7 +164,7 @@ def write_dissection_report(
         name = f"{slug(layer)}_{ch}"
         path = out / "montages" / f"{name}.png"
         save_png(path, unit_montage(space, styles, layer, ch, u.threshold,
-                                    f"{layer}:{ch}  {u.label} (IoU {u.iou:.3f})"))
+                                    f"{layer}:{ch}  {u.label} (IoU {u.iou:.3f})", noise=noise))
         files["montages"][f"{layer}:{ch}"] = f"montages/{name}.png"
 
     for concept, iv in (data.get("interventions") or {}).items():
@@ -227,6 +229,7 @@ def render_dissection_html(
     rows = [["concepts from", data["concept_source"]],
             ["images", f"{d['num_images']} samples + {d['num_encoded']} encoded validation images"],
             ["unit threshold", f"top {d['quantile']:.2%} of each unit's activations"],
+            *([["noise maps", data["noise_maps"]]] if data.get("noise_maps") else []),
             ["interpretable", f"IoU >= {d['iou_threshold']}"],
             ["time", f"{data['timings']['total']:.1f} s"]]
     if seg.get("held_out_iou"):

@@ -56,7 +56,9 @@ def dissect_run(
                 real, _ = validation_images(config, max(settings.encoded_images, 128), exp.resolution)
             except UsageError as e:
                 say(f"note: no validation images ({e}); dissecting samples only, no artifact units")
-        if getattr(args, "no_artifacts", False) and real is not None and settings.encoded_images == 0:
+        # The real images also give the samples their layouts when the encoder gives noise maps.
+        layouts = getattr(exp.encoder, "noise_encoder", None) is not None
+        if getattr(args, "no_artifacts", False) and real is not None and settings.encoded_images == 0 and not layouts:
             real = None
         base = run_dir or export_dir.parent
         out = Path(args.out) if args.out else base / "dissect"
