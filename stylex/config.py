@@ -308,8 +308,9 @@ def check_model(
     if model.get("encoder_latent", "w") not in ("w", "w+"):
         raise ConfigError(f"model.encoder_latent must be w or w+ (one latent for all style layers, or one per "
                           f"layer), got {model.get('encoder_latent')!r}")
-    if not isinstance(model.get("encoder_noise", False), bool):
-        raise ConfigError(f"model.encoder_noise must be true or false, got {model.get('encoder_noise')!r}")
+    for key in ("encoder_noise", "noise_per_channel"):
+        if not isinstance(model.get(key, False), bool):
+            raise ConfigError(f"model.{key} must be true or false, got {model.get(key)!r}")
     if model.get("encoder_noise", False) and not float(model.get("noise_init") or 0.0) > 0:
         raise ConfigError("model.encoder_noise=true needs noise inputs that start above zero: add "
                           "model.noise_init=1 (at 0 no gradient reaches the encoder's noise maps)")

@@ -339,6 +339,39 @@ def test_given_noise_maps_replace_the_noise_modes():
         G.generate(w, c, noise=dict(zeros, **{"b8.torgb": torch.zeros(2, 1, 8, 8)}))
 
 
+def test_per_channel_noise_strengths_let_one_style_coordinate_gate_a_map():
+    from stylex.stylespace import StyleSpace
+
+    inj = NoiseInjection(4, channels=3)
+    inj.strength.data = torch.tensor([0.0, 1.0, 2.0])
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 1, 4, 4)
+    torch.testing.assert_close(inj(x, noise=m), x + m * torch.tensor([0.0, 1.0, 2.0]).view(1, 3, 1, 1))
+    assert inj.strength.shape == (3,) and NoiseInjection(4).strength.shape == ()
+
+    torch.manual_seed(0)
+    w, c = torch.randn(2, 32), probs(2, 3)
+    for per_channel in (True, False):
+        G = tiny_generator(noise_per_channel=per_channel).eval()
+        space = StyleSpace(G)
+        j = 2
+        with torch.no_grad():
+            if per_channel:  # b16.conv0's map enters channel j only
+                G.synthesis.blocks["b16"].conv0.noise.strength[j] = 1.0
+            else:
+                G.synthesis.blocks["b16"].conv0.noise.strength.fill_(1.0)
+            flat = space.flat_styles(w, c)
+            zeros = {name: torch.zeros(2, 1, r, r) for name, r in G.noise_layers}
+            marked = dict(zeros, **{"b16.conv0": torch.randn(2, 1, 16, 16)})
+            gated = space.edit(flat, [("b16.conv1", j)], 0.0)  # the style that reads channel j, closed
+            open_change = (space.render(flat, noise=marked) - space.render(flat, noise=zeros)).abs().max()
+            shut_change = (space.render(gated, noise=marked) - space.render(gated, noise=zeros)).abs().max()
+        assert open_change > 1e-2
+        if per_channel:  # closing one coordinate removes everything the map marked
+            assert shut_change < 1e-6
+        else:  # a map shared by all channels passes through the others
+            assert shut_change > 1e-2
+
+
 def test_the_noise_map_encoder_gives_every_noise_layer_a_map_that_training_reaches():
     torch.manual_seed(0)
     G = tiny_generator(noise_init=1.0)

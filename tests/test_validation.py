@@ -51,6 +51,7 @@ def _refused(tmp_path: Path, *overrides: str) -> tuple[ConfigError, Path]:
     ("model.encoder_latent=z", "model.encoder_latent must be w or w+"),
     ("model.encoder_noise=true", "model.encoder_noise=true needs noise inputs that start above zero"),
     ("model.encoder_noise=maybe", "model.encoder_noise must be true or false"),
+    ("model.noise_per_channel=3", "model.noise_per_channel must be true or false"),
     ("model.noise_init=-0.1", "model.noise_init must be >= 0, got -0.1"),
     ("model.channel_base=4", "use model.channel_base >= 16"),
     ("ops_impl=fast", "ops_impl='fast' is not one of auto, cuda, ref"),

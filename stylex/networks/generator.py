@@ -69,6 +69,7 @@ class Generator(nn.Module):
         img_channels: int = 3,
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
         noise_init: float = 0.0,  # the noise inputs' starting strength (StyleGAN2: 0)
+        noise_per_channel: bool = False,  # one noise strength per channel (StyleGAN1) instead of per layer
     ) -> None:
         super().__init__()
         if c_dim < 0:
@@ -89,6 +90,7 @@ class Generator(nn.Module):
             conv_clamp=conv_clamp,
             resample_filter=resample_filter,
             noise_init=noise_init,
+            noise_per_channel=noise_per_channel,
         )
 
     @property

@@ -295,6 +295,11 @@ class ModulatedConv2d(nn.Module):
 class NoiseInjection(nn.Module):
     """Adds ``strength * n`` with per-pixel Gaussian noise ``n`` shared by all channels.
 
+    ``strength`` is one number (StyleGAN2) or, with ``channels``, one per channel (StyleGAN1's
+    per-feature scaling). Per channel, the generator can route a noise map into some channels
+    only; the next layer's style then scales those channels, so a style coordinate (and through
+    the affines, the class) can decide whether what the map marks is drawn.
+
     ``noise_mode``: ``"random"`` draws fresh noise per call; ``"const"`` uses a fixed noise map
     drawn at construction (stored in the state dict, so renders are reproducible across runs);
     ``"none"`` adds nothing. A ``noise`` map passed to :meth:`forward` replaces all three (an
@@ -306,10 +311,11 @@ class NoiseInjection(nn.Module):
         self,
         resolution: int,  # height and width of the feature maps this layer sees
         init: float = 0.0,  # the starting strength
+        channels: int | None = None,  # one strength per channel; None: one for all
     ) -> None:
         super().__init__()
         self.resolution = resolution
-        self.strength = nn.Parameter(torch.full([], float(init)))
+        self.strength = nn.Parameter(torch.full([] if channels is None else [int(channels)], float(init)))
         self.register_buffer("noise_const", torch.randn(1, 1, resolution, resolution))
 
     def forward(
@@ -322,12 +328,15 @@ class NoiseInjection(nn.Module):
             raise ValueError(f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {noise_mode!r}")
         if x.shape[2:] != (self.resolution, self.resolution):
             raise ValueError(f"NoiseInjection built for {self.resolution}x{self.resolution} got {tuple(x.shape)}")
+        strength = self.strength.to(x.dtype)
+        if strength.ndim:
+            strength = strength.view(1, -1, 1, 1)
         if noise is not None:
-            return x + noise.to(x.dtype) * self.strength.to(x.dtype)
+            return x + noise.to(x.dtype) * strength
         if noise_mode == "none":
             return x
         if noise_mode == "random":
             noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
         else:
             noise = self.noise_const.to(x.dtype)
-        return x + noise * self.strength.to(x.dtype)
+        return x + noise * strength

@@ -88,6 +88,7 @@ class SynthesisLayer(nn.Module):
         conv_clamp: float | None = None,
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
         noise_init: float = 0.0,  # the noise input's starting strength
+        noise_per_channel: bool = False,  # one noise strength per output channel (NoiseInjection)
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -97,7 +98,7 @@ class SynthesisLayer(nn.Module):
         self.conv = ModulatedConv2d(
             in_channels, out_channels, kernel_size, demodulate=True, up=up, resample_filter=resample_filter
         )
-        self.noise = NoiseInjection(resolution, noise_init)
+        self.noise = NoiseInjection(resolution, noise_init, out_channels if noise_per_channel else None)
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
     def forward(
@@ -150,6 +151,7 @@ class SynthesisBlock(nn.Module):
         conv_clamp: float | None,
         resample_filter: Sequence[float],
         noise_init: float = 0.0,
+        noise_per_channel: bool = False,
     ) -> None:
         super().__init__()
         self.resolution = resolution
@@ -167,10 +169,12 @@ class SynthesisBlock(nn.Module):
                 conv_clamp=conv_clamp,
                 resample_filter=resample_filter,
                 noise_init=noise_init,
+                noise_per_channel=noise_per_channel,
             )
             self.layer_names = ("conv0", "conv1", "torgb")
         self.conv1 = SynthesisLayer(
-            out_channels, out_channels, latent_dim, resolution, conv_clamp=conv_clamp, noise_init=noise_init
+            out_channels, out_channels, latent_dim, resolution, conv_clamp=conv_clamp, noise_init=noise_init,
+            noise_per_channel=noise_per_channel,
         )
         self.torgb = ToRGBLayer(out_channels, img_channels, latent_dim, conv_clamp=conv_clamp)
 
@@ -189,6 +193,7 @@ class SynthesisNetwork(nn.Module):
         conv_clamp: float | None = None,
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
         noise_init: float = 0.0,  # every noise input's starting strength
+        noise_per_channel: bool = False,  # one strength per channel (NoiseInjection)
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -206,6 +211,7 @@ class SynthesisNetwork(nn.Module):
                 conv_clamp=conv_clamp,
                 resample_filter=resample_filter,
                 noise_init=noise_init,
+                noise_per_channel=noise_per_channel,
             )
         self.register_buffer("resample_filter", setup_filter(resample_filter))
         self.style_layers: list[tuple[str, int]] = [(name, layer.in_channels) for name, layer in self.named_layers()]
