@@ -144,13 +144,36 @@ def test_encoder_learns_from_the_reconstruction_terms_only(tmp_path, maps):
     extra = ["model.encoder_noise=true", "model.noise_init=1"] if maps else []
     no_gen_terms = ["loss.kl_rec=0", "loss.adv=0", "loss.kl_gen=0"]
     base = _encoder_gradient_of_one_step(tmp_path / "a", *extra, *no_gen_terms, "loss.encoder_losses=all")
-    split = _encoder_gradient_of_one_step(tmp_path / "b", *extra, "loss.kl_rec=5", "loss.adv=2")
+    split = _encoder_gradient_of_one_step(tmp_path / "b", *extra, "loss.kl_rec=5", "loss.adv=2", "loss.kl_swap=3")
     mixed = _encoder_gradient_of_one_step(tmp_path / "c", *extra, "loss.kl_rec=5", "loss.adv=2",
                                           "loss.encoder_losses=all")
     assert any(g.abs().sum() > 0 for g in base)
     for a, b in zip(base, split):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
     assert max((a - c).abs().max().item() for a, c in zip(base, mixed)) > 1e-4, "KL/adversarial did not reach E"
+
+
+def test_class_swap_term_is_the_kl_of_the_images_own_styles_and_maps_under_another_class(tmp_path):
+    torch.manual_seed(0)
+    cfg, dm, clf = _module_and_data(tmp_path, "model.encoder_noise=true", "model.noise_init=1", "loss.kl_swap=2")
+    head = [m for m in clf.modules() if isinstance(m, torch.nn.Linear)][-1]
+    head.weight.data.mul_(100.0)  # a confident classifier: the swapped class is far from the render's
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    x = next(iter(dm.train_dataloader()))["image"]
+    inputs = module.loss.prepare(x)
+    renders = module.loss.render(inputs, (True, False))
+    _, _, logs = module.loss.generator(inputs, (True, False), renders)
+    # independent definition: KL(p' || q), p' = the other images' class vectors, q = C(G(E(x), p', maps of x))
+    with torch.no_grad():
+        p = inputs.c_noise
+        q = clf(module.G.generate(module.E(x), p, noise=module.E.noise_maps(x))).softmax(dim=1)
+        kl = (p * (p.clamp_min(1e-12).log() - q.log())).sum(dim=1).mean()
+    assert kl > 1e-3
+    torch.testing.assert_close(logs["train/kl_swap"], kl, rtol=1e-4, atol=1e-6)
+    # off by default: no swapped render, no term
+    cfg0, _, _ = _module_and_data(tmp_path / "off", "model.encoder_noise=true", "model.noise_init=1")
+    off = build_module(cfg0, dm.num_classes, dm.class_names, clf)
+    assert off.loss.render(off.loss.prepare(x), (True, False)).x_swap is None
 
 
 def test_encoder_fit_objective_adds_the_weighted_classifier_kl_of_the_reconstruction(tmp_path):

@@ -63,6 +63,10 @@ class LossConfig:
     latent_l1: float = 0.1  # L1(E(x̂), E(x))
     kl_rec: float = 1.0  # KL(C(x) ‖ C(x̂)) on the encoder path
     kl_gen: float = 1.0  # KL(p̃ ‖ C(G(z, p̃))) on the noise path
+    # KL(p̃ ‖ C(G(E(x), p̃))) with the class vector p̃ of another image (and x's noise maps when E
+    # encodes them), E's outputs detached, with the adversarial term beside it: the class swapped
+    # on real styles and layouts (0 = off; see StylexLoss.render)
+    kl_swap: float = 0.0
     r1_gamma: float = 0.05  # R1 weight (the penalty is gamma / 2 · |∇D|²); the model presets set it
     r1_interval: int = 16  # lazy R1: every N discriminator steps (0 = never)
     pl_weight: float = 0.0  # path-length regularisation (0 = off; StyleGAN2 uses 2)
@@ -154,6 +158,7 @@ class Renders(NamedTuple):
     x_gen: torch.Tensor | None  # [B, 3, R, R] G(z, c_noise), with G's graph (noise path)
     maps: dict[str, torch.Tensor] | None = None  # E's noise maps of x, with E's graph (None: E encodes w alone)
     maps_in: dict[str, torch.Tensor] | None = None  # what G's noise inputs take: leaf copies of maps, or maps
+    x_swap: torch.Tensor | None = None  # [B, 3, R, R] G(E(x), c_noise), E detached (loss.kl_swap > 0)
 
 
 Logs = dict[str, torch.Tensor]
@@ -242,16 +247,22 @@ class StylexLoss:
         x = inputs.x
         use_enc, use_noise = paths
         split = self.cfg.encoder_losses == "reconstruction"
-        w = w_in = x_rec = x_gen = maps = maps_in = None
+        w = w_in = x_rec = x_gen = maps = maps_in = x_swap = None
         if use_enc:
             w, maps = self.E(x), self.E.noise_maps(x)
             w_in = w.detach().requires_grad_(True) if split else w
             if maps is not None:
                 maps_in = {k: v.detach().requires_grad_(True) for k, v in maps.items()} if split else maps
             x_rec = self._encoder_images(w_in, inputs.c_real, maps_in)
+            if self.cfg.kl_swap > 0:
+                # The image's own styles and layout under another image's class vector: the
+                # generator learns to draw, or leave out, what that class needs on real content.
+                # E's outputs are detached: this term trains the generator only.
+                x_swap = self._encoder_images(w.detach(), inputs.c_noise,
+                                              None if maps is None else {k: v.detach() for k, v in maps.items()})
         if use_noise:
             x_gen = self._noise_images(inputs.c_noise, self._layout_maps(x, maps))
-        return Renders(w, w_in, x_rec, x_gen, maps, maps_in)
+        return Renders(w, w_in, x_rec, x_gen, maps, maps_in, x_swap)
 
     def _encoder_images(
         self,
@@ -382,6 +393,12 @@ class StylexLoss:
                 "train/rec_l1": rec_l1.detach(), "train/perceptual": perc.detach(), "train/latent_l1": lat.detach(),
                 "train/kl_rec": kl_rec.detach(), "train/adv_rec": adv_rec.detach(),
             })
+        if renders.x_swap is not None:
+            logits_swap, _ = self._classify(renders.x_swap, features=False)
+            kl_swap = losses.classifier_kl(inputs.c_noise, logits_swap)
+            adv_swap = losses.g_nonsaturating_loss(self._discriminate(renders.x_swap, inputs.c_noise))
+            loss = loss + cfg.kl_swap * kl_swap + cfg.adv * adv_swap
+            logs.update({"train/kl_swap": kl_swap.detach(), "train/adv_swap": adv_swap.detach()})
         if use_noise:
             x_gen = renders.x_gen
             logits_gen, _ = self._classify(x_gen, features=False)
