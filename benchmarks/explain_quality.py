@@ -19,6 +19,12 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
   renders with the top-k attributes applied and of the unedited renders (a flip won by leaving
   the data manifold shows as a higher edited KID), and the agreement of the unedited renders
   with the classifier's prediction on their real inputs;
+- the class swapped on real content (:func:`stylex.metrics.fidelity.swap_fidelity`): every
+  encoded validation image rendered under the other classes' one-hot vectors, the share of
+  those renders the classifier assigns to the class asked for, and the lesion counts of the
+  renders under their own class and under the swapped one. StylEx explains through this
+  counterfactual: where the class vector does not change the lesions of a real image, no style
+  coordinate the class moves will;
 - how concentrated the class is in StyleSpace: switching generated samples from class 0 to
   class k on only the 1, 10 or 100 coordinates of largest class contrast, and on all of them,
   and the change of the causal factors each gives (:func:`stylex.explain.factors.
@@ -42,6 +48,10 @@ For a run trained on the synthetic fundus scenes, runs AttFind on validation ima
 turn) instead of encoded validation images (the validation images stay the real set of the KID,
 and there is no agreement or renders line, since samples have no real inputs). It separates what
 the generator can draw from what the encoder brings back of a real image.
+
+For a run trained with ``model.encoder_noise=true`` every render of an encoded image, edited or
+not, uses the encoder's noise maps of that image, and generated samples take those of the
+validation images (sample i those of image i), as on the training's noise path.
 
 The probe comes from the probe cache (``$STYLEX_CACHE_DIR/probes``) when one with these settings
 was trained before (its training time is then ~0).
@@ -83,6 +93,7 @@ from stylex.explain.pipeline import manifold_lines  # noqa: E402
 from stylex.explain.refine import refine_latents  # noqa: E402
 from stylex.explain.result import searched_coordinates  # noqa: E402
 from stylex.export import load_export  # noqa: E402
+from stylex.metrics.fidelity import swap_fidelity  # noqa: E402
 from stylex.metrics.probe import cached_factor_probe  # noqa: E402
 from stylex.stylespace import noise_rows  # noqa: E402
 
@@ -196,6 +207,7 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     gt = ground_truth(result, finder.evaluator, probe, min_effect=args.min_effect)
     # Renders of generated samples have no real inputs to compare with.
     carried = what_renders_carry(finder, flat, images, exp.classifier, probe, noise) if encoded else {}
+    swap = swap_fidelity(exp.generator, exp.encoder, exp.classifier, images, list(exp.class_names), probe=probe)
     concentration = class_shift_concentration(exp.generator, probe, counts=(1, 10, 100),
                                               noise=noise_rows(noise, torch.arange(64) % images.shape[0]))
     bound, t_bound = None, time.perf_counter()
@@ -227,6 +239,7 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
         "rankings": {names[c]: [a.to_dict() for a in result.rankings[c]] for c in result.classes},
         "renders_carry": {names[k]: v for k, v in carried.items()},
         "class_shift": {names[k]: v for k, v in concentration["classes"].items()},
+        "class_swap": swap.to_dict(),
         "single_coordinate_bound": None if bound is None else {
             **bound, "classes": {names[k]: v for k, v in bound["classes"].items()}, "seconds": t_bound},
         "classifier_photometric_flips": photometric,
@@ -262,6 +275,12 @@ def evaluate(run: Path, args: argparse.Namespace, device: str) -> dict:
     print("classifier's predictions changed by global image changes: "
           + ", ".join(f"{name} {v:.2f}" for name, v in photometric.items()))
     causal = gt.causal
+    print(f"class swap on the encoded validation images (each rendered under the other classes): "
+          f"{swap.overall:.2f} of the renders follow the class asked for (" + "; ".join(
+              f"{a} -> {b} {v:.2f}" for a, row in swap.shares.items() for b, v in row.items()) + ")")
+    for a, per in (swap.factors or {}).items():
+        print(f"  lesions of the images predicted '{a}' (real / own class / swapped): " + ", ".join(
+            f"{f} {v['real']:.2f} / {v['own']:.2f} / {v['swapped']:.2f}" for f, v in per.items()))
     for k, row in concentration["classes"].items():
         parts = [f"{m} coordinate{'s' if m > 1 else ''}: " + ", ".join(f"{f} {ch[f]:+.2f}" for f in causal)
                  for m, ch in row["changes"].items()]

@@ -298,3 +298,65 @@ def test_a_failed_measurement_warns_and_training_goes_on(tmp_path, caplog):
     assert "generator quality at step 1 failed" in caplog.text and "training goes on" in caplog.text
     assert cb.last == {} and not (tmp_path / "quality.png").exists()
     assert module.G_ema.training, "the generator's mode must be restored"
+
+
+# ---- the class swapped on encoded real images ------------------------------------------------------
+class _RedGenerator(nn.Module):
+    """Renders a grey image whose red channel is ``gain_c * (2 c_1 - 1) + gain_w * w`` (plus the
+    noise map's mean when given): class 1 = red."""
+
+    def __init__(self, gain_c: float, gain_w: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.gain_c, self.gain_w = gain_c, gain_w
+
+    def generate(self, w, c, noise_mode="const", noise=None):
+        red = self.gain_c * (2 * c[:, 1] - 1) + self.gain_w * w[:, 0]
+        if noise is not None:
+            red = red + noise["m"].mean(dim=(1, 2, 3))
+        img = torch.zeros(w.shape[0], 3, 4, 4)
+        img[:, 0] = red.clamp(-1, 1)[:, None, None]
+        return img * self.scale
+
+
+class _MeanRedEncoder(nn.Module):
+    def __init__(self, maps: bool = False) -> None:
+        super().__init__()
+        self.noise_encoder = nn.Identity() if maps else None
+
+    def forward(self, x):
+        return x[:, 0].mean(dim=(1, 2))[:, None]
+
+    def noise_maps(self, x):
+        return {"m": x[:, :1] * 0 + 0.9} if self.noise_encoder is not None else None  # pushes every render red
+
+
+def _red_classifier(x):
+    r = x[:, 0].mean(dim=(1, 2))
+    return torch.stack([-r, r], dim=1)
+
+
+def test_swap_fidelity_counts_renders_that_follow_the_swapped_class():
+    from stylex.metrics.fidelity import swap_fidelity
+
+    images = torch.zeros(8, 3, 4, 4)
+    images[:5, 0] = 0.6  # five red (class 1), three grey-negative (class 0)
+    images[5:, 0] = -0.6
+    probe = SimpleNamespace(factor_names=["exudates", "haemorrhages"], read=lambda x: torch.stack(
+        [x[:, 0].mean(dim=(1, 2)), x[:, 1].mean(dim=(1, 2))], dim=1))
+    probe.parameters = lambda: iter([torch.zeros(1)])
+    names = ["healthy", "DR signs"]
+    obeys = swap_fidelity(_RedGenerator(0.8, 0.1), _MeanRedEncoder(), _red_classifier, images, names,
+                          probe=probe, batch_size=3)
+    assert obeys.shares == {"healthy": {"DR signs": 1.0}, "DR signs": {"healthy": 1.0}} and obeys.overall == 1.0
+    assert obeys.counts == {"healthy": 3, "DR signs": 5}
+    # independently: class 1 rendered as class 0 reads 0.1 * 0.6 - 0.8 = -0.74 red, as itself 0.86
+    dr = obeys.factors["DR signs"]["exudates"]
+    assert dr["real"] == pytest.approx(0.6) and dr["own"] == pytest.approx(0.86) and dr["swapped"] == pytest.approx(-0.74)
+    ignores = swap_fidelity(_RedGenerator(0.0, 1.0), _MeanRedEncoder(), _red_classifier, images, names)
+    assert ignores.overall == 0.0 and ignores.factors is None
+    # with the encoder's noise maps (every map pushes red by 0.9) class 0 can no longer be reached
+    maps = swap_fidelity(_RedGenerator(0.8, 0.1), _MeanRedEncoder(maps=True), _red_classifier, images, names)
+    assert maps.shares["DR signs"]["healthy"] == 0.0 and maps.shares["healthy"]["DR signs"] == 1.0
+    with pytest.raises(ValueError, match="two classes"):
+        swap_fidelity(_RedGenerator(0.8, 0.1), _MeanRedEncoder(), _red_classifier, images, ["one"])

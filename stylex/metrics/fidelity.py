@@ -20,6 +20,12 @@ Contract:
   count from the reference class's over the real difference, ``(g_k - g_0) / (r_k - r_0)``
   (given where the real difference is at least ``min_real``). A generator that puts lesion-like
   marks into every class can match each class's count and still have a contrast near 0.
+- **Class-swap fidelity** (:func:`swap_fidelity`): the counterfactual StylEx explains. Real
+  images are encoded (``w = E(x)``, and E's noise maps when it gives them) and rendered under
+  every other class's one-hot vector; the share of those renders the classifier assigns to the
+  class asked for, per source class and target class, and (with a probe) the lesion counts of
+  the renders under their own class and under the swapped one. A generator that ignores the
+  class on real content scores near 0 however well it reconstructs.
 """
 
 from __future__ import annotations
@@ -258,3 +264,83 @@ def factor_fidelity(
     real = torch.cat([read_factors(probe, real_images[i : i + 256], factors)
                       for i in range(0, real_images.shape[0], 256)])
     return factor_from_readings(gen, intended, real, real_labels, factors, class_names)
+
+
+# ============================================================================ the class swapped on real images
+@dataclass
+class SwapFidelity:
+    """What the class vector does to encoded real images (see :func:`swap_fidelity`)."""
+
+    # source class -> target class -> share of the source class's images rendered under the
+    # target's one-hot vector that the classifier assigns to the target
+    shares: dict[str, dict[str, float]]
+    overall: float  # mean of the shares over (source, target) pairs with images
+    counts: dict[str, int]  # images per source class (by the classifier's prediction of the real image)
+    # source class -> factor -> {"real", "own", "swapped"} mean probe readings (None without a probe)
+    factors: dict[str, dict[str, dict[str, float]]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shares": self.shares, "overall": self.overall, "counts": self.counts, "factors": self.factors}
+
+
+@torch.no_grad()
+def swap_fidelity(
+    generator: nn.Module,  # Generator: generate(w, c, noise_mode, noise=maps)
+    encoder: nn.Module,  # images -> w; noise_maps(images) -> maps or None
+    classifier: nn.Module,  # images -> logits [B, K]
+    images: torch.Tensor,  # [N, 3, R, R] real images in [-1, 1]
+    class_names: Sequence[str],
+    probe: nn.Module | None = None,  # factor probe: lesion counts of own-class and swapped renders
+    factors: Sequence[str] = CAUSAL_FACTORS,
+    batch_size: int = 64,
+) -> SwapFidelity:
+    """Encode real images, render each under every other class's one-hot vector (constant
+    noise, or the encoder's maps of the image), and classify the renders."""
+    k = len(class_names)
+    if k < 2:
+        raise ValueError("the class swap needs at least two classes")
+    device = next(generator.parameters()).device
+    eye = torch.eye(k, device=device)
+    hits = torch.zeros(k, k)  # [source, target] renders assigned to the target
+    seen = torch.zeros(k)
+    cols = probe_columns(probe, factors) if probe is not None else []
+    sums = torch.zeros(k, 3, len(cols))  # [source, real / own / swapped (mean over targets), factor]
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].to(device, torch.float32)
+        src = classifier(x).argmax(dim=1)
+        w = encoder(x)
+        maps = encoder.noise_maps(x) if getattr(encoder, "noise_encoder", None) is not None else None
+
+        def render(c: torch.Tensor) -> torch.Tensor:
+            return generator.generate(w, c, noise_mode="const", noise=maps).clamp(-1, 1)
+
+        seen += torch.bincount(src.cpu(), minlength=k).float()
+        if probe is not None:
+            real_read = probe.read(x.to(next(probe.parameters()).device))[:, cols].cpu()
+            own_read = probe.read(render(eye[src]).to(next(probe.parameters()).device))[:, cols].cpu()
+            swapped_read = torch.zeros_like(own_read)
+        for t in range(1, k):
+            target = (src + t) % k  # every other class in turn
+            img = render(eye[target])
+            pred = classifier(img).argmax(dim=1)
+            hits.index_put_((src.cpu(), target.cpu()), (pred == target).float().cpu(), accumulate=True)
+            if probe is not None:
+                swapped_read += probe.read(img.to(next(probe.parameters()).device))[:, cols].cpu() / (k - 1)
+        if probe is not None:
+            for j, part in enumerate((real_read, own_read, swapped_read)):
+                sums[:, j].index_add_(0, src.cpu(), part)
+    shares: dict[str, dict[str, float]] = {}
+    pairs = []
+    for a in range(k):
+        if seen[a] == 0:
+            continue
+        shares[str(class_names[a])] = {str(class_names[b]): float(hits[a, b] / seen[a]) for b in range(k) if b != a}
+        pairs += list(shares[str(class_names[a])].values())
+    out = SwapFidelity(shares=shares, overall=sum(pairs) / len(pairs) if pairs else float("nan"),
+                       counts={str(class_names[a]): int(seen[a]) for a in range(k)})
+    if probe is not None:
+        out.factors = {str(class_names[a]): {f: {part: float(sums[a, j, c] / seen[a])
+                                                 for j, part in enumerate(("real", "own", "swapped"))}
+                                             for c, f in enumerate(factors)}
+                       for a in range(k) if seen[a] > 0}
+    return out
