@@ -59,6 +59,38 @@ def noise_rows(
     return out
 
 
+def check_noise(
+    noise: NoiseMaps | None,  # {noise layer: [N or 1, 1, r, r]}
+    n: int,  # the number of images
+) -> NoiseMaps | None:
+    """Noise maps checked to hold one map per image (or one shared by all)."""
+    if noise is None:
+        return None
+    bad = {name: tuple(m.shape) for name, m in noise.items() if m.ndim != 4 or m.shape[0] not in (1, n)}
+    if bad:
+        raise ValueError(f"noise maps must have batch 1 or {n} (one per image), got {bad}")
+    return noise
+
+
+def encode_noise_maps(
+    encoder: torch.nn.Module,  # a stylex Encoder
+    images: torch.Tensor,  # [N, 3, R, R] in [-1, 1]
+    batch_size: int,
+    device: torch.device | str,
+) -> dict[str, torch.Tensor] | None:  # noise layer -> [N, 1, r, r] on the CPU; None = E gives none
+    """The encoder's noise maps of ``images``, ``batch_size`` at a time, when it was trained to
+    give them (``model.encoder_noise``): the generator then draws each image's layout from them,
+    and every render of the image (edited or not) must use them."""
+    if getattr(encoder, "noise_encoder", None) is None:  # an encoder of the latent alone
+        return None
+    parts = []
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch_size):
+            maps = encoder.noise_maps(images[i : i + batch_size].to(device, torch.float32))
+            parts.append({name: m.float().cpu() for name, m in maps.items()})
+    return noise_cat(parts)
+
+
 def noise_cat(parts: Sequence[NoiseMaps | None]) -> dict[str, torch.Tensor] | None:
     """Concatenate the noise maps of consecutive batches (all ``None`` or none of them)."""
     parts = list(parts)

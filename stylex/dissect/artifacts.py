@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from stylex.dissect.edits import (
     check_batch_size,
-    check_noise,
     check_styles,
     float_json,
     image_resolution,
@@ -38,7 +37,7 @@ from stylex.dissect.edits import (
     sweep,
     tensor_json,
 )
-from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
+from stylex.stylespace import NoiseMaps, StyleSpace, check_noise, noise_rows
 
 # ============================================================================ artifact units
 @dataclass

@@ -23,7 +23,7 @@ Images
     (optional): validation images ``x`` give ``w = E(x)`` and ``c = C(x)``, the classifier's
     probabilities, as in training. Renders use ``noise_mode="const"``, except where noise maps
     are given: an encoder trained with ``model.encoder_noise`` gives each encoded image its own
-    maps (:func:`encoder_noise_maps`), and ``noise`` gives the noise-path images theirs (the
+    maps (:func:`stylex.stylespace.encode_noise_maps`), and ``noise`` gives the noise-path images theirs (the
     pipeline's: maps of real images, the layouts the training's noise path draws on).
 
 Two passes over the same latents: pass 1 accumulates the thresholds, pass 2 the overlaps and
@@ -51,9 +51,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from stylex.dissect.base import Segmenter, check_layers, modulating_styles, unit_counts
-from stylex.dissect.edits import check_noise
 from stylex.dissect.stats import IoUAccumulator, RunningQuantile
-from stylex.stylespace import NoiseMaps, StyleSpace, noise_cat, noise_rows
+from stylex.stylespace import NoiseMaps, StyleSpace, check_noise, encode_noise_maps, noise_cat, noise_rows
 
 NOISE_CONDITIONING = "one-hot classes in turn (noise path)"
 ENCODER_CONDITIONING = "classifier probabilities of the input (encoder path)"
@@ -366,24 +365,6 @@ def encoder_latents(
     return torch.cat(ws), torch.cat(cs)
 
 
-def encoder_noise_maps(
-    encoder: nn.Module,  # a stylex Encoder
-    images: torch.Tensor,  # [M, 3, R, R] in [-1, 1]
-    batch_size: int,
-    device: torch.device | str,
-) -> dict[str, torch.Tensor] | None:  # noise layer -> [M, 1, r, r] on the CPU; None = E gives none
-    """The encoder's noise maps of ``images`` when it was trained to give them
-    (``model.encoder_noise``): the generator then draws each image's layout from its own maps."""
-    if getattr(encoder, "noise_encoder", None) is None:  # an encoder of the latent alone
-        return None
-    parts = []
-    with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            maps = encoder.noise_maps(images[start : start + batch_size].to(device).float())
-            parts.append({name: m.float().cpu() for name, m in maps.items()})
-    return noise_cat(parts)
-
-
 def _noise_spans(
     parts: Sequence[tuple[int, NoiseMaps | None]],  # (images, their maps [n or 1, ...] or None) in order
 ) -> list[tuple[int, int, NoiseMaps | None]]:  # (start, end, maps of rows start..end) covering every image
@@ -517,7 +498,7 @@ def dissect(
         encoder.to(device)
         classifier.to(device)
         we, ce = encoder_latents(encoder, classifier, encoder_images, batch_size, device)
-        encoded_noise = encoder_noise_maps(encoder, encoder_images, batch_size, device)
+        encoded_noise = encode_noise_maps(encoder, encoder_images, batch_size, device)
         if c is not None and ce.shape[1] != c.shape[1]:
             raise ValueError(f"the classifier gives {ce.shape[1]} classes but the generator is conditioned on "
                              f"{c.shape[1]}")

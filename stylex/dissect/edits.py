@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stylex.dissect.base import Segmenter, check_layers, unit_counts
-from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
+from stylex.stylespace import NoiseMaps, StyleSpace, check_noise, noise_rows
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]  # a layer's output -> its replacement (same shape)
 ConceptScore = Callable[[torch.Tensor], torch.Tensor]  # images [B, 3, R, R] -> soft shares [B, concepts]
@@ -131,19 +131,6 @@ def check_styles(space: StyleSpace, styles: torch.Tensor) -> torch.Tensor:
     if styles.shape[0] == 0:
         raise ValueError("no styles given: interventions need at least one image")
     return styles.detach()
-
-
-def check_noise(
-    noise: NoiseMaps | None,  # {noise layer: [N or 1, 1, r, r]}
-    n: int,  # the number of images
-) -> NoiseMaps | None:
-    """Noise maps checked to hold one map per image (or one shared by all)."""
-    if noise is None:
-        return None
-    bad = {name: tuple(m.shape) for name, m in noise.items() if m.ndim != 4 or m.shape[0] not in (1, n)}
-    if bad:
-        raise ValueError(f"noise maps must have batch 1 or {n} (one per image), got {bad}")
-    return noise
 
 
 def noise_on(

@@ -71,7 +71,6 @@ from stylex.dissect.edits import (
     ConceptScore,
     check_batch_size,
     check_mode,
-    check_noise,
     check_region,
     check_resize,
     check_styles,
@@ -95,7 +94,7 @@ from stylex.dissect.edits import (
     tensor_json,
     unit_values,
 )
-from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
+from stylex.stylespace import NoiseMaps, StyleSpace, check_noise, noise_rows
 
 @dataclass
 class CausalEffect:

@@ -53,9 +53,9 @@ from tqdm.auto import tqdm
 
 from stylex.dissect.base import Segmenter, feeding_unit_layer
 from stylex.dissect.dissection import Dissection, check_segmenter, module_device, segment
-from stylex.dissect.edits import check_noise, noise_on
+from stylex.dissect.edits import noise_on
 from stylex.dissect.stats import RunningQuantile, overlap_counts, upsample_maps
-from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
+from stylex.stylespace import NoiseMaps, StyleSpace, check_noise, noise_rows
 
 # (style layer, channel, shift): the shift a float or [N] per image
 AttributeTriple = tuple[str, int, Union[float, torch.Tensor]]

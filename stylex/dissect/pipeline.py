@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from stylex.dissect.base import Segmenter, check_layers, unit_counts
-from stylex.dissect.dissection import Dissection, dissect, encoder_latents, encoder_noise_maps, noise_latents
+from stylex.dissect.dissection import Dissection, dissect, encoder_latents, noise_latents
 from stylex.dissect.artifacts import artifact_units
 from stylex.dissect.intervention import (
     ablation_curve,
@@ -48,7 +48,7 @@ from stylex.dissect.intervention import (
     unit_effects,
 )
 from stylex.dissect.localise import localise_attributes
-from stylex.stylespace import NoiseMaps, StyleSpace, noise_rows
+from stylex.stylespace import NoiseMaps, StyleSpace, encode_noise_maps, noise_rows
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -243,7 +243,7 @@ def _layouts(
         say("note: this generator takes its layouts from the encoder's noise maps of real images, and there "
             "are none: the samples are rendered with constant noise, without layouts")
         return None, "none: no real images for the samples' layouts (constant noise)"
-    maps = encoder_noise_maps(encoder.to(device).eval(), real_images, s.batch_size or 32, device)
+    maps = encode_noise_maps(encoder.to(device).eval(), real_images, s.batch_size or 32, device)
     return maps, (f"the encoder's: encoded images their own, samples those of {real_images.shape[0]} "
                   "real images (sample i those of image i, cycling)")
 

@@ -51,7 +51,7 @@ from stylex.explain.evaluator import EffectEvaluator
 from stylex.explain.measures import shift_targets, to_measure
 from stylex.explain.predict import AttFindPredictor, ImageSet, merge_effects, merge_screen, run_predict
 from stylex.explain.result import AttFindResult, greedy_class_ranking, searched_coordinates
-from stylex.stylespace import noise_cat
+from stylex.stylespace import check_noise, encode_noise_maps
 
 __all__ = ["AttFind", "AttFindConfig"]
 
@@ -119,14 +119,7 @@ class AttFind:
         """The encoder's noise maps of real images, when it was trained to give them
         (``model.encoder_noise``): the generator then draws each image's layout from its own
         maps, and every render of an image (edited or not) must use them."""
-        if getattr(encoder, "noise_encoder", None) is None:  # an encoder of the latent alone
-            return None
-        parts = []
-        step = self.evaluator.batch_size
-        for i in range(0, images.shape[0], step):
-            maps = encoder.noise_maps(images[i : i + step].to(self.device, torch.float32))
-            parts.append({name: m.cpu() for name, m in maps.items()})
-        return noise_cat(parts)
+        return encode_noise_maps(encoder, images, self.evaluator.batch_size, self.device)
 
     @torch.no_grad()
     def styles_of(
@@ -178,11 +171,8 @@ class AttFind:
             raise ValueError(f"styles must be [N, {space.dim}], got {tuple(flat.shape)}")
         if flat.shape[0] == 0:
             raise ValueError("AttFind needs at least one image")
-        if noise is not None:
+        if check_noise(noise, flat.shape[0]) is not None:
             noise = {name: m.detach().float().cpu() for name, m in noise.items()}
-            bad = {name: tuple(m.shape) for name, m in noise.items() if m.shape[0] not in (1, flat.shape[0])}
-            if bad:
-                raise ValueError(f"noise maps must have batch 1 or {flat.shape[0]} (one per image), got {bad}")
         if not 1 <= int(top_k) <= space.dim:
             raise ValueError(f"top_k must lie in [1, {space.dim}] (the number of style coordinates), got {top_k}")
         t0 = time.perf_counter()
