@@ -305,6 +305,7 @@ def check_model(
     _number("model.conv_clamp", model.get("conv_clamp"), positive=True, optional=True)
     _number("model.noise_init", model.get("noise_init"), positive=False, optional=True)
     _number("model.lr", model.get("lr"), positive=True)
+    _number("model.class_gain", model.get("class_gain"), positive=True, optional=True)
     if model.get("encoder_latent", "w") not in ("w", "w+"):
         raise ConfigError(f"model.encoder_latent must be w or w+ (one latent for all style layers, or one per "
                           f"layer), got {model.get('encoder_latent')!r}")

@@ -268,6 +268,30 @@ def test_per_layer_latents_drive_their_own_layer():
     assert G.condition(w_plus, probs(2, 3)).shape == (2, G.num_ws, 35)
 
 
+def test_the_class_moves_each_style_by_its_class_weights_times_the_class_gain():
+    # styles = A_w w + gain * A_c c + b: a class switch moves coordinate j by gain * A_c[j] . (c1 - c0),
+    # with A_c the affine's own weight columns that read c (an independent read of the parameters).
+    torch.manual_seed(0)
+    plain = tiny_generator()
+    loud = tiny_generator(class_gain=4.0)
+    loud.load_state_dict(plain.state_dict())
+    w, c0, c1 = torch.randn(2, 32), probs(2, 3, seed=1), probs(2, 3, seed=2)
+    for G, gain in ((plain, 1.0), (loud, 4.0)):
+        a, b = G.styles(G.condition(w, c0)), G.styles(G.condition(w, c1))
+        weights = G.class_weights()
+        for name, layer in G.synthesis.named_layers():
+            cols = layer.affine.weight[:, 32:] * layer.affine.weight_gain
+            torch.testing.assert_close(weights[name], gain * cols)
+            torch.testing.assert_close(b[name] - a[name], (c1 - c0) @ (gain * cols).T, rtol=1e-4, atol=1e-5)
+    # the w part is untouched by the gain
+    same_c = probs(2, 3)
+    for name, s in plain.styles(plain.condition(w, same_c)).items():
+        delta = loud.styles(loud.condition(w, same_c))[name] - s
+        torch.testing.assert_close(delta, same_c @ (3.0 * plain.class_weights()[name]).T, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="class_gain must be a number > 0"):
+        tiny_generator(class_gain=0)
+
+
 def test_style_mixing_switches_from_the_first_latent_to_the_second_at_one_layer():
     torch.manual_seed(0)
     n, layers = 4000, 7

@@ -176,6 +176,49 @@ def test_class_swap_term_is_the_kl_of_the_images_own_styles_and_maps_under_anoth
     assert off.loss.render(off.loss.prepare(x), (True, False)).x_swap is None
 
 
+def test_class_sparsity_is_the_group_lasso_of_the_class_weights_centred_over_the_classes(tmp_path):
+    torch.manual_seed(0)
+    cfg, dm, clf = _module_and_data(tmp_path, "loss.class_sparsity=0.5", "model.class_gain=3")
+    module = build_module(cfg, dm.num_classes, dm.class_names, clf)
+    G, w_dim = module.G, module.G.w_dim
+    x = next(iter(dm.train_dataloader()))["image"]
+    inputs = module.loss.prepare(x)
+    _, _, logs = module.loss.generator(inputs, (False, True), module.loss.render(inputs, (False, True)))
+    # independent definition: per style coordinate, the L2 norm of its class weights (gain
+    # included) minus their mean over the classes
+    norms = []
+    for _, layer in G.synthesis.named_layers():
+        cols = 3.0 * layer.affine.weight[:, w_dim:].detach() * layer.affine.weight_gain
+        norms.append((cols - cols.mean(dim=1, keepdim=True)).norm(dim=1))
+    norms = torch.cat(norms)
+    torch.testing.assert_close(logs["train/class_sparsity"], norms.sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logs["train/class_top10"], norms.topk(10).values.sum() / norms.sum(),
+                               rtol=1e-5, atol=1e-6)
+    # only the weights that read the class receive the penalty's gradient
+    G.zero_grad()
+    losses.class_group_norm(list(G.class_weights().values())).sum().backward()
+    for _, layer in G.synthesis.named_layers():
+        assert layer.affine.weight.grad[:, :w_dim].abs().max() == 0
+        assert layer.affine.weight.grad[:, w_dim:].abs().max() > 0
+    # a shift shared by every class column moves every class vector's styles alike (probabilities
+    # sum to 1): it changes no class switch, and the penalty does not charge it
+    w, c0, c1 = torch.randn(4, w_dim), inputs.c_real[:4], inputs.c_noise[:4]
+    switch = {k: G.styles(G.condition(w, c1))[k] - v for k, v in G.styles(G.condition(w, c0)).items()}
+    before = losses.class_group_norm(list(G.class_weights().values()))
+    with torch.no_grad():
+        for _, layer in G.synthesis.named_layers():
+            layer.affine.weight[:, w_dim:] += torch.randn(layer.affine.weight.shape[0], 1)
+    moved = {k: G.styles(G.condition(w, c1))[k] - v for k, v in G.styles(G.condition(w, c0)).items()}
+    for k in switch:
+        torch.testing.assert_close(moved[k], switch[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses.class_group_norm(list(G.class_weights().values())), before,
+                               rtol=1e-4, atol=1e-6)
+    # off by default: no term, no log
+    cfg0, _, _ = _module_and_data(tmp_path / "off")
+    off = build_module(cfg0, dm.num_classes, dm.class_names, clf)
+    assert "train/class_sparsity" not in off.loss.generator(inputs, (False, True))[2]
+
+
 def test_encoder_fit_objective_adds_the_weighted_classifier_kl_of_the_reconstruction(tmp_path):
     torch.manual_seed(0)
     cfg, dm, clf = _module_and_data(tmp_path)

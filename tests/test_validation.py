@@ -53,6 +53,8 @@ def _refused(tmp_path: Path, *overrides: str) -> tuple[ConfigError, Path]:
     ("model.encoder_noise=maybe", "model.encoder_noise must be true or false"),
     ("model.noise_per_channel=3", "model.noise_per_channel must be true or false"),
     ("model.noise_init=-0.1", "model.noise_init must be >= 0, got -0.1"),
+    ("model.class_gain=0", "model.class_gain must be > 0"),
+    ("loss.class_sparsity=-1", "loss.class_sparsity must be >= 0"),
     ("model.channel_base=4", "use model.channel_base >= 16"),
     ("ops_impl=fast", "ops_impl='fast' is not one of auto, cuda, ref"),
     ("seed=abc", "seed must be a whole number"),

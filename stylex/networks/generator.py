@@ -70,10 +70,15 @@ class Generator(nn.Module):
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
         noise_init: float = 0.0,  # the noise inputs' starting strength (StyleGAN2: 0)
         noise_per_channel: bool = False,  # one noise strength per channel (StyleGAN1) instead of per layer
+        class_gain: float = 1.0,  # the class vector's scale in the conditioned latent (see condition)
     ) -> None:
         super().__init__()
         if c_dim < 0:
             raise ValueError(f"c_dim must be >= 0 (the number of classes), got {c_dim}")
+        if isinstance(class_gain, bool) or not isinstance(class_gain, (int, float)) or not class_gain > 0:
+            raise ValueError(f"class_gain must be a number > 0 (model.class_gain; 1 = StylEx's plain "
+                             f"concatenation), got {class_gain!r}")
+        self.class_gain = float(class_gain)
         self.z_dim = z_dim
         self.w_dim = w_dim
         self.c_dim = c_dim
@@ -108,6 +113,13 @@ class Generator(nn.Module):
         """Number of style layers; the middle size of a per-layer latent ``[B, num_ws, w_dim + c_dim]``."""
         return len(self.synthesis.style_layers)
 
+    def class_weights(self) -> dict[str, torch.Tensor]:  # layer name -> [channels, c_dim]
+        """How the class vector enters each style layer: the columns of its affine's effective
+        weight that read ``c`` (``style = A_w w + A_c c + b``), with their graphs. Row ``j`` of a
+        layer's matrix is what the class adds to its style coordinate ``j``."""
+        return {name: layer.affine.effective_weight()[:, self.w_dim:] * self.class_gain
+                for name, layer in self.synthesis.named_layers()}
+
     def mapping(
         self,
         z: torch.Tensor,  # [batch, z_dim]
@@ -121,7 +133,15 @@ class Generator(nn.Module):
         w: torch.Tensor,  # [batch, w_dim] (or [batch, num_ws, w_dim])
         c: torch.Tensor | None,  # [batch, c_dim] class probabilities; None allowed when c_dim == 0
     ) -> torch.Tensor:  # [batch, w_dim + c_dim] (or [batch, num_ws, w_dim + c_dim])
-        """The conditioned latent ``wc = cat([w, c])``."""
+        """The conditioned latent ``wc = cat([w, class_gain * c])``.
+
+        The affines use StyleGAN's equalised learning rate: every input's weights are scaled
+        by ``1 / sqrt(w_dim + c_dim)``, so each input moves a style coordinate by about as much
+        as an Adam step allows it. ``w`` has ``w_dim`` unit coordinates and ``c`` a few
+        probabilities: at gain 1 the class can move a coordinate by little, and by less per
+        step than ``w`` moves it together, and the generator spreads whatever the class
+        needs over many coordinates. ``class_gain`` scales ``c`` (its weights' effective
+        learning rate with it), so that one coordinate can carry a class attribute."""
         if w.ndim not in (2, 3) or w.shape[-1] != self.w_dim:
             raise ValueError(f"w must have shape [batch, {self.w_dim}], got {tuple(w.shape)}")
         batch = w.shape[0]
@@ -136,7 +156,7 @@ class Generator(nn.Module):
                 f"c must hold the classifier's class probabilities with shape [{batch}, {self.c_dim}] "
                 f"(c_dim = number of classes), got {tuple(c.shape)}"
             )
-        c = c.to(w.dtype)
+        c = c.to(w.dtype) * self.class_gain
         if w.ndim == 3:
             c = c.unsqueeze(1).expand(batch, w.shape[1], self.c_dim)
         return torch.cat([w, c], dim=-1)

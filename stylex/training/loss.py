@@ -67,6 +67,11 @@ class LossConfig:
     # encodes them), E's outputs detached, with the adversarial term beside it: the class swapped
     # on real styles and layouts (0 = off; see StylexLoss.render)
     kl_swap: float = 0.0
+    # Group lasso on the class conditioning: this weight times the sum, over style coordinates,
+    # of the norm of the (class-centred) weights by which the class vector moves each one. The
+    # class then enters StyleSpace through few coordinates, and the KL terms make those few carry
+    # what the classifier needs: the single-coordinate edits AttFind ranks (0 = off)
+    class_sparsity: float = 0.0
     r1_gamma: float = 0.05  # R1 weight (the penalty is gamma / 2 · |∇D|²); the model presets set it
     r1_interval: int = 16  # lazy R1: every N discriminator steps (0 = never)
     pl_weight: float = 0.0  # path-length regularisation (0 = off; StyleGAN2 uses 2)
@@ -102,6 +107,9 @@ class LossConfig:
         if not 0.0 <= self.style_mixing <= 1.0:
             raise ValueError(f"loss.style_mixing must be in [0, 1] (a share of the noise-path images), "
                              f"got {self.style_mixing!r}")
+        if self.class_sparsity < 0:
+            raise ValueError(f"loss.class_sparsity must be >= 0 (the group-lasso weight; 0 = off), "
+                             f"got {self.class_sparsity!r}")
         if self.rec_noise not in NOISE_MODES:
             raise ValueError(f"loss.rec_noise must be 'random', 'const' or 'none', got {self.rec_noise!r}")
         if self.batch_mode not in BATCH_MODES:
@@ -399,6 +407,12 @@ class StylexLoss:
             adv_swap = losses.g_nonsaturating_loss(self._discriminate(renders.x_swap, inputs.c_noise))
             loss = loss + cfg.kl_swap * kl_swap + cfg.adv * adv_swap
             logs.update({"train/kl_swap": kl_swap.detach(), "train/adv_swap": adv_swap.detach()})
+        if cfg.class_sparsity > 0:
+            groups = losses.class_group_norm(list(self.G.class_weights().values()))
+            loss = loss + cfg.class_sparsity * groups.sum()
+            top = groups.detach().topk(min(10, groups.numel())).values.sum()
+            logs.update({"train/class_sparsity": groups.detach().sum(),
+                         "train/class_top10": top / groups.detach().sum().clamp_min(1e-12)})
         if use_noise:
             x_gen = renders.x_gen
             logits_gen, _ = self._classify(x_gen, features=False)

@@ -68,6 +68,20 @@ def classifier_kl(
     return F.kl_div(log_q, target_probs.detach().float(), reduction="batchmean")
 
 
+def class_group_norm(
+    weights: list[torch.Tensor],  # per style layer [channels, c_dim]: Generator.class_weights()
+) -> torch.Tensor:  # [num_styles] what the class can move each style coordinate by
+    """The group-lasso groups of the class conditioning: per style coordinate, the L2 norm of
+    its class weights after removing their mean over the classes. The class vector holds
+    probabilities that sum to 1, so a shift shared by every class column is a constant (the
+    bias's business) and only the centred weights move the coordinate with the class."""
+    rows = torch.cat([w.float() for w in weights])
+    if rows.shape[1] > 1:
+        rows = rows - rows.mean(dim=1, keepdim=True)
+    # sqrt(x + eps): the norm's gradient stays finite at a row that has reached zero
+    return (rows.square().sum(dim=1) + 1e-12).sqrt()
+
+
 def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference."""
     return (a - b).abs().mean()
